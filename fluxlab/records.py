@@ -1,0 +1,79 @@
+"""Result records: one JSON file per measured configuration, with the provenance of the run that wrote it."""
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import uuid
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "diffusers", "transformers", "torchao", "accelerate", "safetensors", "fluxlab")
+PROVENANCE_KEYS = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
+# One id per runner invocation (set by scripts/run_book.py), else per process: ratios only within one run.
+RUN_ID = os.environ.get("FLUXLAB_RUN_ID") or uuid.uuid4().hex[:12]
+
+
+def git_commit() -> str:
+    """The commit the code ran at ('+dirty' if the tree had changes); FLUXLAB_GIT_COMMIT where git is absent."""
+    if os.environ.get("FLUXLAB_GIT_COMMIT"):
+        return os.environ["FLUXLAB_GIT_COMMIT"]
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(device: torch.device, world_size: int) -> dict:
+    if device.type == "cuda":
+        device_name, device_count = torch.cuda.get_device_name(device), torch.cuda.device_count()
+        accel = dict(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        device_name, device_count, accel = f"CPU ({platform.processor() or platform.machine()})", 0, {}
+    return dict(git_commit=git_commit(), versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
+                device_name=device_name, device_count=device_count, world_size=world_size, **accel,
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), run_id=RUN_ID)
+
+
+def missing_provenance(record: dict) -> list[str]:
+    prov = record.get("provenance", {})
+    missing = [k for k in PROVENANCE_KEYS if not prov.get(k) and prov.get(k) != 0]
+    missing += [k for k in ("model_source", "settings", "optimizations") if k not in record]
+    return missing
+
+
+def write(record: dict, path: Path) -> Path:
+    """Write atomically: a crash mid-write never leaves a half record in place of a good one."""
+    missing = missing_provenance(record)
+    if missing:
+        raise ValueError(f"record {record.get('name')!r} lacks provenance: {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def load(folder: Path, pattern: str = "*.json") -> list[dict]:
+    """All records in a folder, each with `_path` set, oldest first."""
+    records = []
+    for path in sorted(Path(folder).glob(pattern)):
+        record = json.loads(path.read_text())
+        record["_path"] = str(path)
+        records.append(record)
+    return sorted(records, key=lambda r: r["provenance"]["date_utc"])

@@ -1,0 +1,159 @@
+"""Tables, plots, image grids and quality figures, all built from result records."""
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import Markdown
+from PIL import Image, ImageDraw
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+RANDOM_NOTE = ("`flux-dev-random` has FLUX.1-dev's architecture with random weights: its timings are the real "
+               "model's cost, but its images are noise and its cache hit rates say nothing about the real model.")
+
+
+def image(record: dict, folder: str | Path) -> Image.Image:
+    return Image.open(Path(folder) / record["image"]).convert("RGB")
+
+
+def _as_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def quality(img: Image.Image, reference: Image.Image) -> dict:
+    """PSNR (dB, inf when identical) and SSIM of an image against the reference image."""
+    a, b = _as_tensor(img), _as_tensor(reference)
+    mse = torch.mean((a - b) ** 2).item()
+    psnr = float("inf") if mse == 0 else peak_signal_noise_ratio(a, b, data_range=1.0).item()
+    return dict(psnr_db=psnr, ssim=structural_similarity_index_measure(a, b, data_range=1.0).item())
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Two records may be compared as a ratio only if one run measured both on the same kind of device."""
+    pa, pb = a["provenance"], b["provenance"]
+    keys = ("height", "width", "steps", "prompt", "seed")
+    return (pa["run_id"] == pb["run_id"] and pa["device_name"] == pb["device_name"]
+            and a["model_source"] == b["model_source"] and all(a["settings"][k] == b["settings"][k] for k in keys))
+
+
+def _fmt(x, spec=".2f", none="—"):
+    return none if x is None else format(x, spec)
+
+
+def rows(records: list[dict], folder: str | Path, baseline: dict | None = None) -> list[dict]:
+    """One row per record: times, speedup and image quality against `baseline` where both ran together."""
+    out = []
+    for rec in records:
+        comparable = baseline is not None and same_run(rec, baseline)
+        q = quality(image(rec, folder), image(baseline, folder)) if comparable else {}
+        cache = rec.get("cache")
+        out.append(dict(
+            configuration=rec["label"], processes=rec["provenance"]["world_size"],
+            device=rec["provenance"]["device_name"], source=rec["model_source"],
+            min_s=rec["timing"]["min_s"], median_s=rec["timing"]["median_s"],
+            speedup=baseline["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
+            skipped=f"{cache['skipped']}/{cache['steps']}" if cache else None,
+            psnr_db=q.get("psnr_db"), ssim=q.get("ssim"), peak_mem_gb=rec.get("peak_mem_gb"),
+        ))
+    return out
+
+
+def table(records: list[dict], folder: str | Path, baseline: dict | None = None) -> Markdown:
+    """The article's results table for these records, as Markdown (renders in Jupyter and in the book)."""
+    head = ("| Configuration | Processes | Device | Model source | s/image (min) | s/image (median) | Speedup "
+            "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows(records, folder, baseline):
+        speedup = _fmt(r["speedup"]) + "x" if r["speedup"] is not None else "— (other run)"
+        body += (f"| {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} | {_fmt(r['min_s'], '.3f')} "
+                 f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
+                 f"| {_fmt(r['ssim'], '.3f')} |\n")
+    notes = []
+    if any(r["random_weights"] for r in records):
+        notes.append(RANDOM_NOTE)
+    notes.append("Speedups and quality are measured against the baseline of the same run; timings are the median "
+                 "and minimum of repeated calls after a separate warm-up.")
+    return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))
+
+
+def plot_times(records: list[dict], title: str = ""):
+    """Horizontal bars of median s/image with the minimum marked, labelled with device and source."""
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(records) + 1.2))
+    labels = [f"{r['label']} ({r['provenance']['world_size']}p)" for r in records]
+    med = [r["timing"]["median_s"] for r in records]
+    ax.barh(labels, med, color="#4c72b0", label="median")
+    ax.plot([r["timing"]["min_s"] for r in records], labels, "k|", markersize=14, label="min")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per image")
+    sources = sorted({r["model_source"] for r in records})
+    devices = sorted({r["provenance"]["device_name"] for r in records})
+    ax.set_title(title or f"{', '.join(devices)} - model source: {', '.join(sources)}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def grid(images: list[Image.Image], captions: list[str], columns: int = 4, size: int = 192) -> Image.Image:
+    """Images side by side, each with a caption under it."""
+    rows_n = -(-len(images) // columns)
+    cap_h = 14 * max(c.count("\n") + 1 for c in captions) + 6
+    sheet = Image.new("RGB", (columns * size, rows_n * (size + cap_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * size, (i // columns) * (size + cap_h)
+        sheet.paste(img.resize((size, size)), (x, y))
+        draw.multiline_text((x + 4, y + size + 2), cap, fill="black", spacing=2)
+    return sheet
+
+
+def record_grid(records: list[dict], folder: str | Path, columns: int = 4, size: int = 192) -> Image.Image:
+    captions = [f"{r['label'][:30]}\n{r['model_source']}, {_fmt(r['timing']['median_s'], '.3f')} s" for r in records]
+    return grid([image(r, folder) for r in records], captions, columns, size)
+
+
+def threshold_explorer(records: list[dict], folder: str | Path, live: bool):
+    """A slider over the cache thresholds in live Jupyter; the same content as a static grid otherwise."""
+    if not live:
+        return record_grid(records, folder, columns=len(records))
+    import ipywidgets as widgets
+
+    options = [(r["label"], i) for i, r in enumerate(records)]
+    out = widgets.Output()
+
+    def show(index):
+        rec = records[index]
+        out.clear_output(wait=True)
+        with out:
+            cache = rec.get("cache")
+            skipped = f"{cache['skipped']}/{cache['steps']} steps skipped" if cache else "no cache"
+            print(f"{rec['label']}: {rec['timing']['median_s']:.3f} s/image, {skipped} ({rec['model_source']})")
+            display(image(rec, folder).resize((384, 384)))
+
+    slider = widgets.SelectionSlider(options=options, description="threshold")
+    widgets.interactive_output(show, {"index": slider})
+    show(0)
+    return widgets.VBox([slider, out])
+
+
+def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
+    """Markdown: the hardware, versions, commit and duration behind every chapter of this book."""
+    lines = [f"# {title}", "", "Every number in this book comes from these runs.", "",
+             "| Chapter | Status | Duration (s) | Processes | Device | Model source | Git commit | Date (UTC) |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_chapter = {}
+    for rec in records:
+        by_chapter.setdefault(rec["chapter"], rec)
+    for ch in chapters:
+        rec = by_chapter.get(ch["name"])
+        prov = rec["provenance"] if rec else {}
+        lines.append(f"| {ch['name']} | {ch['status']} | {_fmt(ch.get('duration_s'), '.0f')} | {ch.get('processes', 1)} "
+                     f"| {prov.get('device_name', '—')} | {rec['model_source'] if rec else '—'} "
+                     f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
+    if records:
+        prov = records[-1]["provenance"]
+        lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(prov["versions"].items())]
+        for key in ("cuda", "cudnn"):
+            if prov.get(key):
+                lines.append(f"| {key} | {prov[key]} |")
+    return "\n".join(lines) + "\n"
