@@ -18,6 +18,16 @@ def cache_stats(pipe):
     return applied(pipe).get("_cache_stats")
 
 
+def clear_cache(pipe) -> None:
+    """Turn First Block Cache off again (to try another threshold on the same, uncompiled pipeline)."""
+    done = applied(pipe)
+    if "compile" in done:
+        raise ValueError("the transformer is compiled with the cache in its graph: load a fresh pipeline instead.")
+    if done.pop("cache", None) is not None:
+        done.pop("_cache_stats")
+        pipe.transformer.disable_cache()
+
+
 def check(cache=None, fp8=None, compile=None) -> None:
     """Validate optimize's arguments without touching a model."""
     if cache is not None:

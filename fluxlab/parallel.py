@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
+from .settings import transformer_config
+
 # A collective that waits longer than this ends the run with an error instead of hanging.
 TIMEOUT_S = int(os.environ.get("FLUXLAB_DIST_TIMEOUT_S", "900"))
 
@@ -51,7 +53,7 @@ def degrees(world_size: int, ulysses: int | None = None, ring: int | None = None
     return ulysses, ring
 
 
-def check_split(settings, transformer_config: dict, world_size: int, ulysses: int) -> None:
+def check_split(settings, world_size: int, ulysses: int) -> None:
     """Each process gets an equal share of image and text tokens; Ulysses splits the attention heads too."""
     problems = []
     if settings.image_tokens % world_size:
@@ -60,7 +62,7 @@ def check_split(settings, transformer_config: dict, world_size: int, ulysses: in
     if settings.max_sequence_length % world_size:
         problems.append(f"{settings.max_sequence_length} text tokens do not split evenly over {world_size} "
                         "processes")
-    heads = transformer_config["num_attention_heads"]
+    heads = transformer_config(settings.source)["num_attention_heads"]
     if heads % ulysses:
         problems.append(f"{heads} attention heads do not split over ulysses_degree={ulysses}")
     if problems:

@@ -48,7 +48,7 @@ def rows(records: list[dict], folder: str | Path, baseline: dict | None = None) 
         q = quality(image(rec, folder), image(baseline, folder)) if comparable else {}
         cache = rec.get("cache")
         out.append(dict(
-            configuration=rec["label"], processes=rec["provenance"]["world_size"],
+            configuration=f"{rec['label']} ({rec['dtype']})", processes=rec["provenance"]["world_size"],
             device=rec["provenance"]["device_name"], source=rec["model_source"],
             min_s=rec["timing"]["min_s"], median_s=rec["timing"]["median_s"],
             speedup=baseline["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
@@ -157,3 +157,41 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
             if prov.get(key):
                 lines.append(f"| {key} | {prov[key]} |")
     return "\n".join(lines) + "\n"
+
+
+# The article's closing table: (row, chapter, record name). Context-parallel rows for each process count.
+ARTICLE_ROWS = [
+    ("Baseline", "01_baseline", "baseline"),
+    ("FBCache (rdt=0.08)", "02_first_block_cache", "fbcache-0.08"),
+    ("FP8 DQ + compile", "03_fp8_compile", "fp8-compile"),
+    ("FBCache (0.12) + FP8 DQ + compile", "03_fp8_compile", "fbcache-0.12-fp8-compile"),
+] + [(f"FBCache (0.12) + FP8 DQ + compile + context parallel, {n} processes", "04_context_parallel",
+      f"cp{n}-fbcache-0.12-fp8-compile") for n in (2, 4)]
+
+
+def conclusion(records: list[dict]) -> list[dict]:
+    """The newest record for each of the article's rows (None where no run has produced it)."""
+    newest = {(r["chapter"], r["name"]): r for r in records}  # records come oldest first
+    return [dict(row=row, record=newest.get((chapter, name))) for row, chapter, name in ARTICLE_ROWS]
+
+
+def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
+    baseline = entries[0]["record"]
+    measured = [e["record"] for e in entries if e["record"]]
+    computed = iter(rows(measured, folder, baseline))
+    head = ("| Optimizations | Ran as | Processes | Device | Model source | s/image (median) | Speedup | Skipped steps "
+            "| PSNR (dB) | SSIM |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for e in entries:
+        if e["record"] is None:
+            body += f"| {e['row']} | not run | | | | | | | | |\n"
+            continue
+        r = next(computed)
+        speedup = _fmt(r["speedup"]) + "x" if r["speedup"] is not None else "— (other run)"
+        body += (f"| {e['row']} | {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} "
+                 f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
+                 f"| {_fmt(r['ssim'], '.3f')} |\n")
+    notes = ["Speedup, PSNR and SSIM are against the baseline of the same run (bf16 on GPUs, float32 on CPUs)."]
+    if any(r["random_weights"] for r in measured):
+        notes.append(RANDOM_NOTE)
+    return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))

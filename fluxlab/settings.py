@@ -101,6 +101,10 @@ class Settings:
     def image_tokens(self) -> int:
         return (self.height // 16) * (self.width // 16)
 
+    def on(self, device: torch.device) -> "Settings":
+        """The same request on another device (e.g. this rank's GPU)."""
+        return dataclasses.replace(self, device=device)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(source=self.source.label, device=str(self.device))

@@ -1,4 +1,5 @@
 """Time a pipeline call: warm-up apart, device synchronised, repeated; the only writer of records."""
+import os
 import statistics
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ def generate(pipe, settings: Settings, output_type: str = "pil"):
     return pipe(**settings.pipe_kwargs(), generator=generator, output_type=output_type).images[0]
 
 
-def _timed_call(pipe, settings: Settings) -> tuple[float, object]:
-    barrier()
+def _timed_call(pipe, settings: Settings, dist: Dist) -> tuple[float, object]:
+    if dist.world_size > 1:
+        barrier()
     _sync(settings.device)
     start = time.perf_counter()
     image = generate(pipe, settings)
@@ -41,12 +43,12 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
     if warmup < 1 or repeats < 1:
         raise ValueError(f"warmup={warmup}, repeats={repeats}: both must be >= 1 (warm-up is kept out of the timing).")
     dist = dist or Dist(0, 1, settings.device)
-    warmup_s = [_timed_call(pipe, settings)[0] for _ in range(warmup)]
+    warmup_s = [_timed_call(pipe, settings, dist)[0] for _ in range(warmup)]
     if settings.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(settings.device)
     times, image = [], None
     for _ in range(repeats):
-        seconds, image = _timed_call(pipe, settings)
+        seconds, image = _timed_call(pipe, settings, dist)
         times.append(seconds)
     done = applied(pipe)
     stats = cache_stats(pipe)
@@ -55,6 +57,7 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
         chapter=chapter,
         label=label or describe(done, dist.world_size),
         model_source=settings.source.label,
+        dtype=str(pipe.transformer.dtype).removeprefix("torch."),
         random_weights=settings.source.is_random,
         settings=settings.as_dict(),
         optimizations={k: v for k, v in done.items() if not k.startswith("_")},
@@ -68,7 +71,10 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
     if dist.is_main:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        image.save(output_dir / record["image"])
+        tmp = output_dir / (record["image"] + ".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, output_dir / record["image"])
         records.write(record, output_dir / f"{chapter}--{name}.json")
-    barrier()
+    if dist.world_size > 1:
+        barrier()
     return record
