@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+import fluxlab
+
+from conftest import latents
+
+
+def test_fp8_on_cpu_runs_weight_only_and_says_so(tiny, tiny_pipe, capsys):
+    reference = latents(tiny_pipe, tiny)
+    done = fluxlab.optimize(tiny_pipe, fp8="rowwise")
+    assert "no FP8 tensor cores" in done["fp8"]["ran"] and "weight-only" in done["fp8"]["ran"]
+    assert "no FP8 tensor cores" in capsys.readouterr().out
+    weight = tiny_pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert "Float8" in type(weight).__name__
+    out = latents(tiny_pipe, tiny)
+    assert torch.isfinite(out).all()
+    relative = ((out - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.2
+
+
+def test_options_apply_once(tiny_pipe):
+    fluxlab.optimize(tiny_pipe, cache=0.1)
+    with pytest.raises(ValueError, match="cache was already applied"):
+        fluxlab.optimize(tiny_pipe, cache=0.2)

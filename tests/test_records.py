@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+import fluxlab
+from fluxlab import records
+
+
+def test_measure_writes_a_record_with_provenance(tmp_path, tiny, tiny_pipe):
+    rec = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, warmup=1, repeats=2)
+    on_disk = json.loads((tmp_path / "t--baseline.json").read_text())
+    assert on_disk["timing"]["times_s"] == rec["timing"]["times_s"] and len(rec["timing"]["times_s"]) == 2
+    assert rec["timing"]["min_s"] <= rec["timing"]["median_s"]
+    assert records.missing_provenance(on_disk) == []
+    prov = on_disk["provenance"]
+    assert prov["versions"]["diffusers"] == "0.42.1" and prov["world_size"] == 1 and prov["device_count"] == 0
+    assert len(prov["git_commit"]) >= 7
+    assert on_disk["model_source"] == "tiny" and on_disk["settings"]["steps"] == 8
+    assert (tmp_path / "t--baseline.png").is_file()
+
+
+def test_records_never_hold_a_token(tmp_path, tiny, tiny_pipe, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecretsecret")
+    fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    assert "hf_secret" not in (tmp_path / "t--baseline.json").read_text()
+
+
+def test_a_failed_run_keeps_the_good_record(tmp_path, tiny, tiny_pipe):
+    fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    good = (tmp_path / "t--baseline.json").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    tiny_pipe.__class__ = type("Broken", (tiny_pipe.__class__,), {"__call__": broken})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    assert (tmp_path / "t--baseline.json").read_text() == good
+
+
+def test_write_refuses_a_record_without_provenance(tmp_path):
+    with pytest.raises(ValueError, match="lacks provenance"):
+        records.write(dict(name="x", provenance={}), tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_repeat_counts(tiny, tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="repeats=0"):
+        fluxlab.measure(tiny_pipe, tiny, name="b", chapter="t", output_dir=tmp_path, repeats=0)

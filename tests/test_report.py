@@ -1,0 +1,43 @@
+import copy
+
+from PIL import Image
+
+import fluxlab
+from fluxlab import report
+
+
+def _two_runs(tmp_path, tiny, tiny_pipe):
+    base = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    fluxlab.optimize(tiny_pipe, fp8="rowwise")
+    fp8 = fluxlab.measure(tiny_pipe, tiny, name="fp8", chapter="t", output_dir=tmp_path, repeats=1)
+    return base, fp8
+
+
+def test_speedup_and_quality_only_within_one_run(tmp_path, tiny, tiny_pipe):
+    base, fp8 = _two_runs(tmp_path, tiny, tiny_pipe)
+    rows = report.rows([base, fp8], tmp_path, base)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == 1.0
+    assert rows[1]["speedup"] == base["timing"]["median_s"] / fp8["timing"]["median_s"]
+    assert 20 < rows[1]["psnr_db"] < float("inf")
+    other = copy.deepcopy(fp8)
+    other["provenance"]["run_id"] = "another-run"
+    assert report.rows([other], tmp_path, base)[0]["speedup"] is None
+    md = report.table([base, fp8], tmp_path, base).data
+    assert "| tiny |" in md and "FP8 weight-only" in md and "1.00x" in md
+
+
+def test_conclusion_marks_rows_not_run(tmp_path, tiny, tiny_pipe):
+    base = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="01_baseline", output_dir=tmp_path, repeats=1)
+    entries = report.conclusion(fluxlab.records.load(tmp_path))
+    assert entries[0]["record"]["timing"] == base["timing"]
+    assert all(e["record"] is None for e in entries[1:])
+    md = report.conclusion_table(entries, tmp_path).data
+    assert md.count("not run") == len(entries) - 1
+
+
+def test_grid_and_status(tmp_path, tiny, tiny_pipe):
+    base = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="01_baseline", output_dir=tmp_path, repeats=1)
+    sheet = report.record_grid([base, base], tmp_path, columns=2, size=64)
+    assert isinstance(sheet, Image.Image) and sheet.width == 128
+    page = report.status_page([base], [dict(name="01_baseline", status="ok", duration_s=3.0)], "Status")
+    assert base["provenance"]["git_commit"][:12] in page and "| diffusers | 0.42.1 |" in page
