@@ -38,21 +38,33 @@ def check(cache=None, fp8=None, compile=None) -> None:
         raise ValueError(f"compile={compile!r}: allowed values are {COMPILE_MODES} (or None).")
 
 
-def optimize(pipe, *, parallel: tuple[int, int] | None = None, cache: float | None = None, fp8: str | None = None,
-             compile: str | None = None, compile_mode: str | None = None) -> dict:
-    """Apply context parallelism (ulysses, ring), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'),
-    then torch.compile ('regional': the repeated blocks, 'full': the whole transformer). Each at most once."""
+def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
+             cache: float | None = None, fp8: str | None = None, compile: str | None = None,
+             compile_mode: str | None = None) -> dict:
+    """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn'), fused QKV projections,
+    context parallelism (ulysses, ring), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), then
+    torch.compile ('regional': the repeated blocks, 'full': the whole transformer). Each at most once."""
     check(cache, fp8, compile)
     done = applied(pipe)
-    for name, value in (("parallel", parallel), ("cache", cache), ("fp8", fp8), ("compile", compile)):
+    steps = (("attention", attention), ("fuse_qkv", fuse_qkv or None), ("parallel", parallel), ("cache", cache),
+             ("fp8", fp8), ("compile", compile))
+    for name, value in steps:
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
     if "compile" in done and any(v is not None for v in (parallel, cache, fp8)):
         raise ValueError("the transformer is already compiled: apply parallel, cache and fp8 before compile.")
     transformer = pipe.transformer
+    if attention is not None:
+        transformer.set_attention_backend(attention)
+        done["attention"] = attention
+    if fuse_qkv:
+        if "fp8" in done:
+            raise ValueError("fuse QKV projections before FP8 quantization.")
+        transformer.fuse_qkv_projections()
+        done["fuse_qkv"] = True
     if parallel is not None:
         ulysses, ring = parallel
-        backend = par.enable_context_parallel(transformer, ulysses, ring)
+        backend = par.enable_context_parallel(transformer, ulysses, ring, done.get("attention"))
         done["parallel"] = dict(ulysses=ulysses, ring=ring, attention_backend=backend)
     if cache is not None:
         done["_cache_stats"] = enable_first_block_cache(transformer, cache)
@@ -83,6 +95,10 @@ def describe(done: dict, world_size: int = 1) -> str:
         parts.append(f"FP8 {'DQ' if dynamic else 'weight-only'} {done['fp8']['granularity'] if dynamic else ''}".strip())
     if "compile" in done:
         parts.append(f"compile ({done['compile']['scope']})")
+    if "attention" in done:
+        parts.append(f"attention {done['attention'].strip('_')}")
+    if "fuse_qkv" in done:
+        parts.append("fused QKV")
     if "parallel" in done:
         p = done["parallel"]
         parts.append(f"CP x{world_size} (ulysses {p['ulysses']}, ring {p['ring']})")

@@ -71,14 +71,16 @@ def check_split(settings, world_size: int, ulysses: int) -> None:
                          "cannot split.")
 
 
-def enable_context_parallel(transformer, ulysses: int, ring: int) -> str:
+def enable_context_parallel(transformer, ulysses: int, ring: int, backend: str | None = None) -> str:
     """Shard the transformer's sequence over the process group; returns the attention backend used."""
     if transformer.device.type == "cpu":
         from . import cpu_shims
 
         cpu_shims.install()
-    # Ring attention merges partial results with the log-sum-exp, which only the flash/cuDNN kernels return.
-    backend = "native" if ring == 1 else ("_native_cudnn" if transformer.device.type == "cuda" else "_native_flash")
+    if backend is None:
+        # Ring attention merges partial results with the log-sum-exp, which only flash/cuDNN kernels return.
+        on_gpu = transformer.device.type == "cuda"
+        backend = "native" if ring == 1 else ("_native_cudnn" if on_gpu else "_native_flash")
     transformer.set_attention_backend(backend)
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
     return backend

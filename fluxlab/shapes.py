@@ -1,0 +1,86 @@
+"""The tiny pipeline's world: captioned images of one coloured shape on a coloured background.
+
+Images are drawn in batches with torch (on any device) for training; `check` reads a generated image's
+background colour, shape colour and shape back from its pixels, for the adherence evaluation.
+"""
+import itertools
+import random
+
+import numpy as np
+import torch
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 50),
+    "purple": (140, 50, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.16, 0.24), "large": (0.28, 0.38)}  # half-width as a fraction of the image side
+
+
+def caption(size: str, colour: str, shape: str, background: str) -> str:
+    return f"a {size} {colour} {shape} on a {background} background"
+
+
+def all_combinations() -> list[tuple[str, str, str, str]]:
+    return [(s, c, sh, bg) for s, c, sh, bg in itertools.product(SIZES, COLOURS, SHAPES, COLOURS) if c != bg]
+
+
+def split(seed: int = 0, held_out: float = 0.2) -> tuple[list, list]:
+    """Train and evaluation prompts; evaluation holds out whole (colour, shape, background) triples."""
+    triples = sorted({(c, sh, bg) for _, c, sh, bg in all_combinations()})
+    random.Random(seed).shuffle(triples)
+    test = set(triples[: int(len(triples) * held_out)])
+    combos = all_combinations()
+    return [x for x in combos if x[1:] not in test], [x for x in combos if x[1:] in test]
+
+
+def draw(combos: list[tuple], size: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """A batch of images in [-1, 1], (B, 3, size, size), one per (size, colour, shape, background), random place."""
+    n = len(combos)
+    u = torch.rand(n, 3, generator=generator).to(device)
+    half = torch.tensor([SIZES[s][0] + (SIZES[s][1] - SIZES[s][0]) * float(r) for (s, *_), r in zip(combos, u[:, 2])],
+                        device=device)
+    cx = half + (1 - 2 * half) * u[:, 0]
+    cy = half + (1 - 2 * half) * u[:, 1]
+    ys, xs = torch.meshgrid(*(torch.linspace(0.5 / size, 1 - 0.5 / size, size, device=device),) * 2, indexing="ij")
+    dx, dy = xs[None] - cx[:, None, None], ys[None] - cy[:, None, None]
+    h = half[:, None, None]
+    kind = torch.tensor([SHAPES.index(c[2]) for c in combos], device=device)[:, None, None]
+    circle = dx ** 2 + dy ** 2 <= h ** 2
+    square = (dx.abs() <= h * 0.89) & (dy.abs() <= h * 0.89)  # same area as the circle
+    triangle = (dy <= h) & (dy >= -h) & (dx.abs() <= (dy + h) / 2)  # apex up
+    mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+    fg = torch.tensor([COLOURS[c[1]] for c in combos], device=device, dtype=torch.float32)
+    bg = torch.tensor([COLOURS[c[3]] for c in combos], device=device, dtype=torch.float32)
+    img = torch.where(mask[:, None], fg[:, :, None, None], bg[:, :, None, None])
+    return img / 127.5 - 1
+
+
+def _nearest(rgb: np.ndarray) -> str:
+    names = list(COLOURS)
+    d = ((np.array([COLOURS[n] for n in names], dtype=np.float32) - rgb) ** 2).sum(1)
+    return names[int(d.argmin())]
+
+
+def read(image) -> dict:
+    """Background colour, shape colour and shape of an image, read from its pixels."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    background = _nearest(np.median(border, 0))
+    far = ((px - np.array(COLOURS[background], dtype=np.float32)) ** 2).sum(-1) > 60 ** 2
+    if far.sum() < 0.01 * far.size:
+        return dict(background=background, colour=None, shape=None)
+    colour = _nearest(np.median(px[far], 0))
+    mask = ((px - np.array(COLOURS[colour], dtype=np.float32)) ** 2).sum(-1) < 60 ** 2
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    # Fill of the bounding box: triangle 0.5, circle pi/4, square 1.
+    shape = "triangle" if fill < 0.64 else "circle" if fill < 0.9 else "square"
+    return dict(background=background, colour=colour, shape=shape)
+
+
+def check(image, combo: tuple) -> dict:
+    """Which parts of the prompt `combo` = (size, colour, shape, background) the image shows."""
+    seen = read(image)
+    return dict(seen, background_ok=seen["background"] == combo[3], colour_ok=seen["colour"] == combo[1],
+                shape_ok=seen["shape"] == combo[2])

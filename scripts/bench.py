@@ -1,0 +1,134 @@
+"""Benchmark FLUX.1-dev configurations in one run: s/image, ratio to the eager baseline, memory, cold start.
+
+    python scripts/bench.py [--configs baseline,fp8,...] [--repeats 5]              # one GPU
+    torchrun --nproc_per_node 2 scripts/bench.py --configs baseline,fp8-cudnn,cp-fp8-cudnn
+
+Each configuration loads a fresh pipeline (default source flux-dev-random, the article's settings: 1024x1024,
+28 steps, guidance 3.5, text encoding + denoising + VAE decode), applies its optimizations, makes `--warmup` calls
+(the first is the cold start, compilation included), then times `--repeats` calls. One-process configurations run
+on rank 0 while the other ranks wait. Writes `<out>/bench-<N>gpu.json` (rank 0) only when every configuration
+succeeded; a failed run leaves the previous file as it was.
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import fluxlab  # noqa: E402
+from fluxlab import parallel, records  # noqa: E402
+
+ALL = "all"  # every process of the run (context parallel)
+# name: (processes, optimize() arguments); CP configurations get parallel=(N, 1) added.
+LADDER = {
+    "baseline": (1, {}),
+    "compile": (1, dict(compile="regional")),
+    "cudnn-compile": (1, dict(attention="_native_cudnn", compile="regional")),
+    "fp8": (1, dict(fp8="rowwise", compile="regional")),
+    "fp8-cudnn": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
+    "fp8-cudnn-fused": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional")),
+    "fbcache-fp8-cudnn": (1, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
+    "cp": (ALL, {}),
+    "cp-fp8": (ALL, dict(fp8="rowwise", compile="regional")),
+    "cp-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
+    "cp-ring-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional", ring=True)),
+}
+
+
+def run_config(name: str, settings, dist, args, reference) -> dict | None:
+    processes, kwargs = LADDER[name]
+    kwargs = dict(kwargs)
+    if processes == ALL:
+        ring = kwargs.pop("ring", False)
+        kwargs["parallel"] = (1, dist.world_size) if ring else (dist.world_size, 1)
+    mine = processes == ALL or dist.is_main
+    result = None
+    if mine:
+        run_dist = dist if processes == ALL else parallel.Dist(0, 1, dist.device)
+        pipe = fluxlab.load(settings)
+        fluxlab.optimize(pipe, **kwargs)
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=tmp, dist=run_dist,
+                                  warmup=args.warmup, repeats=args.repeats)
+        latents = fluxlab.generate(pipe, settings, output_type="latent").float().cpu()
+        if dist.is_main:
+            ref = latents if reference.get("latents") is None else reference["latents"]
+            reference.setdefault("latents", latents)
+            stats = rec.get("cache") or {}
+            result = dict(name=name, label=rec["label"], processes=run_dist.world_size,
+                          s_min=rec["timing"]["min_s"], s_median=rec["timing"]["median_s"],
+                          times_s=rec["timing"]["times_s"], cold_start_s=rec["timing"]["cold_start_s"],
+                          warmup_s=rec["timing"]["warmup_s"], peak_mem_gb=rec["peak_mem_gb"],
+                          skipped_steps=stats.get("skipped"), optimizations=rec["optimizations"],
+                          latents_rel_error=((latents - ref).norm() / ref.norm()).item())
+            print(f"{name}: {result['s_median']:.3f} s/image (min {result['s_min']:.3f}), cold start "
+                  f"{result['cold_start_s']:.1f} s, peak {result['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
+                  f"{result['latents_rel_error']:.2e}", flush=True)
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+    parallel.barrier()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="baseline,compile,fp8,fp8-cudnn,fp8-cudnn-fused",
+                        help=f"comma-separated, from {list(LADDER)}; 'baseline' is always run first")
+    parser.add_argument("--source", default="flux-dev-random")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "book" / "results"))
+    args = parser.parse_args()
+    names = ["baseline"] + [c for c in args.configs.split(",") if c and c != "baseline"]
+    unknown = [c for c in names if c not in LADDER]
+    if unknown:
+        raise SystemExit(f"error: unknown configuration(s) {unknown}; allowed: {list(LADDER)}")
+    try:
+        settings = fluxlab.settings(args.source, steps=args.steps, height=args.height, width=args.width)
+        dist = parallel.init(settings.device)
+        if any(LADDER[c][0] == ALL for c in names):
+            if dist.world_size < 2:
+                raise ValueError("context-parallel configurations need torchrun with 2 or more processes")
+            parallel.check_split(settings, dist.world_size, dist.world_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    settings = settings.on(dist.device)
+    reference, results = {}, []
+    for name in names:
+        result = run_config(name, settings, dist, args, reference)
+        if result:
+            results.append(result)
+    if not dist.is_main:
+        return
+    base = results[0]["s_median"]
+    for r in results:
+        r["ratio_vs_baseline"] = base / r["s_median"]
+    record = dict(device=records.provenance(settings.device, dist.world_size)["device_name"],
+                  world_size=dist.world_size, height=settings.height, width=settings.width, steps=settings.steps,
+                  guidance=settings.guidance, prompt=settings.prompt, model_source=settings.source.label,
+                  scope="text encoding + denoising + VAE decode", configs=results,
+                  provenance=records.provenance(settings.device, dist.world_size))
+    out = Path(args.out) / f"bench-{dist.world_size}gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
+    print(f"\n{'config':<22}{'procs':>6}{'median s':>10}{'min s':>8}{'ratio':>7}{'cold s':>8}{'peak GB':>9}")
+    for r in results:
+        print(f"{r['name']:<22}{r['processes']:>6}{r['s_median']:>10.3f}{r['s_min']:>8.3f}{r['ratio_vs_baseline']:>7.2f}"
+              f"{r['cold_start_s']:>8.1f}{r['peak_mem_gb'] or 0:>9.1f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Train the bundled tiny FLUX pipeline (fluxlab/tiny) on captioned shapes, from scratch, seeded.
+
+    python scripts/train_tiny.py [--out fluxlab/tiny] [--device cuda] [--scale 1.0]
+
+FLUX's components scaled down (FluxTransformer2DModel, a 16-channel 8x AutoencoderKL, small CLIP and T5 text
+encoders with offline tokenizers, the flow-matching scheduler), trained in three phases:
+  1. the VAE, to reconstruct 128x128 shape images;
+  2. transformer and text encoders with the rectified-flow objective FLUX uses (x_t = (1-t) x0 + t noise,
+     predict noise - x0), captions dropped 10% of the time so the model also learns the unconditional velocity;
+  3. guidance distillation, as FLUX.1-dev was: the student, given a guidance scale g in [1, 5], learns the
+     teacher's classifier-free-guided velocity v_u + g (v_c - v_u), so `guidance_scale` works without a second pass.
+`--scale` multiplies every phase's step count (e.g. 0.1 for a quick CPU try). Prints progress and loss; writes
+the pipeline with save_pretrained (safetensors) and training.json (steps, losses, times, device).
+"""
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fluxlab import shapes
+from fluxlab.settings import TINY_DIR
+from fluxlab.sources import build_pipeline
+
+RESOLUTION = 128
+MAX_SEQUENCE_LENGTH = 64
+TINY_CONFIGS = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                        num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64,
+                        guidance_embeds=True, axes_dims_rope=[8, 12, 12]),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
+                block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=1.0, shift_factor=0.0,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False),
+    "text_encoder": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=64,
+                         hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1),
+    "text_encoder_2": dict(vocab_size=128, d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=2,
+                           feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False),
+    "scheduler": dict(base_image_seq_len=64, base_shift=0.5, max_image_seq_len=1024, max_shift=1.15,
+                      num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
+}
+STEPS = dict(vae=1500, flow=6000, distill=2000)
+BATCH = dict(vae=64, flow=128, distill=128)
+
+
+class Progress:
+    def __init__(self, phase: str, total: int):
+        self.phase, self.total, self.start, self.losses = phase, total, time.perf_counter(), []
+
+    def step(self, i: int, loss: torch.Tensor) -> None:
+        self.losses.append(loss.item())
+        if (i + 1) % max(1, self.total // 10) == 0 or i + 1 == self.total:
+            recent = self.losses[-max(1, self.total // 10):]
+            print(f"{self.phase}: step {i + 1}/{self.total} loss {sum(recent) / len(recent):.4f} "
+                  f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+    def summary(self) -> dict:
+        return dict(steps=self.total, seconds=round(time.perf_counter() - self.start, 1),
+                    final_loss=sum(self.losses[-50:]) / max(1, len(self.losses[-50:])))
+
+
+def batch_of(train: list, n: int, gen: torch.Generator) -> list:
+    return [train[i] for i in torch.randint(len(train), (n,), generator=gen).tolist()]
+
+
+def train_vae(vae, train, steps, batch, gen, device) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    progress = Progress("vae", steps)
+    vae.train()
+    for i in range(steps):
+        x = shapes.draw(batch_of(train, batch, gen), RESOLUTION, gen, device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.step(i, loss)
+    vae.eval().requires_grad_(False)
+    # FLUX normalises latents as (z - shift) * scale: unit variance, zero mean.
+    with torch.no_grad():
+        z = torch.cat([vae.encode(shapes.draw(batch_of(train, 64, gen), RESOLUTION, gen, device)).latent_dist.mode()
+                       for _ in range(8)])
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+    return progress.summary()
+
+
+def latents_of(pipe, images):
+    vae = pipe.vae
+    with torch.no_grad():
+        z = (vae.encode(images).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = z.shape
+    return pipe._pack_latents(z, b, c, h, w), pipe._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype)
+
+
+def encode(pipe, captions, device):
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                                         max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return prompt_embeds, pooled, text_ids
+
+
+def velocity(transformer, x_t, t, g, text, img_ids):
+    prompt_embeds, pooled, text_ids = text
+    return transformer(hidden_states=x_t, timestep=t, guidance=g, pooled_projections=pooled,
+                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+def trainable(pipe):
+    return [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
+
+
+def train_flow(pipe, train, steps, batch, gen, device) -> dict:
+    params = trainable(pipe)
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    progress = Progress("flow", steps)
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.train().requires_grad_(True)
+    for i in range(steps):
+        combos = batch_of(train, batch, gen)
+        x0, img_ids = latents_of(pipe, shapes.draw(combos, RESOLUTION, gen, device))
+        captions = [shapes.caption(*c) if r > 0.1 else "" for c, r in zip(combos, torch.rand(batch, generator=gen))]
+        t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)  # logit-normal, as SD3/FLUX
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        g = torch.ones(batch, device=device)
+        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, captions, device), img_ids)
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        progress.step(i, loss)
+    return progress.summary()
+
+
+def distill_guidance(pipe, train, steps, batch, gen, device) -> dict:
+    teacher = copy.deepcopy(pipe).to(device)
+    for m in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2):
+        m.eval().requires_grad_(False)
+    params = trainable(pipe)
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-4, total_steps=steps, pct_start=0.05)
+    progress = Progress("distill", steps)
+    for i in range(steps):
+        combos = batch_of(train, batch, gen)
+        x0, img_ids = latents_of(pipe, shapes.draw(combos, RESOLUTION, gen, device))
+        captions = [shapes.caption(*c) for c in combos]
+        t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        g = (1 + 4 * torch.rand(batch, generator=gen)).to(device)
+        with torch.no_grad():
+            ones = torch.ones(batch, device=device)
+            v_c = velocity(teacher.transformer, x_t, t, ones, encode(teacher, captions, device), img_ids)
+            v_u = velocity(teacher.transformer, x_t, t, ones, encode(teacher, [""] * batch, device), img_ids)
+            target = v_u + g[:, None, None] * (v_c - v_u)
+        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, captions, device), img_ids)
+        loss = F.mse_loss(v, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        progress.step(i, loss)
+    return progress.summary()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(TINY_DIR))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
+    args = parser.parse_args()
+    if args.scale <= 0:
+        raise SystemExit(f"error: --scale {args.scale}: must be > 0")
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator().manual_seed(args.seed)
+    steps = {k: max(1, math.ceil(v * args.scale)) for k, v in STEPS.items()}
+    train, held_out = shapes.split()
+    print(f"training on {device}: {len(train)} captions ({len(held_out)} held out), steps {steps}", flush=True)
+    pipe = build_pipeline(TINY_CONFIGS, device, torch.float32, seed=args.seed)
+    start = time.perf_counter()
+    log = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", seed=args.seed,
+               steps=steps, batch=BATCH, resolution=RESOLUTION, max_sequence_length=MAX_SEQUENCE_LENGTH,
+               torch=torch.__version__)
+    log["vae"] = train_vae(pipe.vae, train, steps["vae"], BATCH["vae"], gen, device)
+    log["flow"] = train_flow(pipe, train, steps["flow"], BATCH["flow"], gen, device)
+    log["distill"] = distill_guidance(pipe, train, steps["distill"], BATCH["distill"], gen, device)
+    log["total_seconds"] = round(time.perf_counter() - start, 1)
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.eval().requires_grad_(False)
+    pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
+    Path(args.out, "training.json").write_text(json.dumps(log, indent=1))
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {log['total_seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
