@@ -39,8 +39,10 @@ def quantize_fp8(pipe, granularity: str = "rowwise") -> str:
     q.quantize_(pipe.text_encoder_2, q.Float8WeightOnlyConfig(), filter_fn=_fp8_friendly)
     if fp8_tensor_cores(device):
         gran = q.PerRow() if granularity == "rowwise" else q.PerTensor()
-        q.quantize_(pipe.transformer, q.Float8DynamicActivationFloat8WeightConfig(granularity=gran),
-                    filter_fn=_fp8_friendly)
+        # set_inductor_config=False: torchao would turn on inductor's coordinate-descent tuning, which benchmarks
+        # many kernel variants and multiplies the cold start; fluxlab leaves inductor's settings to the caller.
+        config = q.Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False)
+        q.quantize_(pipe.transformer, config, filter_fn=_fp8_friendly)
         return f"FP8 dynamic activation + weight ({granularity}) on the transformer, FP8 weight-only on T5"
     q.quantize_(pipe.transformer, q.Float8WeightOnlyConfig(), filter_fn=_fp8_friendly)
     return (f"FP8 weight-only on the transformer and T5: {device} has no FP8 tensor cores (dynamic activation "

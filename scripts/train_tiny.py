@@ -44,7 +44,8 @@ TINY_CONFIGS = {
     "scheduler": dict(base_image_seq_len=64, base_shift=0.5, max_image_seq_len=1024, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
 }
-STEPS = dict(vae=1500, flow=6000, distill=2000)
+STEPS = dict(vae=1000, flow=5000, distill=1500)
+BANK = 32768  # pre-encoded training images (random placements of the training captions)
 BATCH = dict(vae=64, flow=128, distill=128)
 
 
@@ -93,17 +94,40 @@ def train_vae(vae, train, steps, batch, gen, device) -> dict:
     return progress.summary()
 
 
-def latents_of(pipe, images):
-    vae = pipe.vae
-    with torch.no_grad():
-        z = (vae.encode(images).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = z.shape
-    return pipe._pack_latents(z, b, c, h, w), pipe._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype)
+class Bank:
+    """Training examples encoded once: packed, normalised VAE latents and token ids of their captions.
+
+    Token ids come from the pipeline's own tokenizers with the pipeline's padding, so `encode` computes exactly
+    what `FluxPipeline.encode_prompt` does at inference, with gradients."""
+
+    def __init__(self, pipe, train, size, gen, device):
+        vae, combos, latents = pipe.vae, batch_of(train, size, gen), []
+        with torch.no_grad():
+            for i in range(0, size, 512):
+                z = vae.encode(shapes.draw(combos[i:i + 512], RESOLUTION, gen, device)).latent_dist.mode()
+                z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+                b, c, h, w = z.shape
+                latents.append(pipe._pack_latents(z, b, c, h, w))
+        self.latents = torch.cat(latents)
+        self.img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, z.dtype)
+        captions = [shapes.caption(*c) for c in train] + [""]
+        index = {c: i for i, c in enumerate(captions)}
+        self.caption_index = torch.tensor([index[shapes.caption(*c)] for c in combos], device=device)
+        self.empty = index[""]
+        self.clip_ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length,
+                                       truncation=True, return_tensors="pt").input_ids.to(device)
+        self.t5_ids = pipe.tokenizer_2(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                                       truncation=True, return_tensors="pt").input_ids.to(device)
+
+    def sample(self, n, gen):
+        rows = torch.randint(len(self.latents), (n,), generator=gen).to(self.latents.device)
+        return self.latents[rows], self.caption_index[rows]
 
 
-def encode(pipe, captions, device):
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
-                                                         max_sequence_length=MAX_SEQUENCE_LENGTH)
+def encode(pipe, bank, captions):
+    pooled = pipe.text_encoder(bank.clip_ids[captions], output_hidden_states=False).pooler_output
+    prompt_embeds = pipe.text_encoder_2(bank.t5_ids[captions], output_hidden_states=False)[0]
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=prompt_embeds.device)
     return prompt_embeds, pooled, text_ids
 
 
@@ -117,7 +141,7 @@ def trainable(pipe):
     return [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
 
 
-def train_flow(pipe, train, steps, batch, gen, device) -> dict:
+def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
     params = trainable(pipe)
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
@@ -125,14 +149,14 @@ def train_flow(pipe, train, steps, batch, gen, device) -> dict:
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.train().requires_grad_(True)
     for i in range(steps):
-        combos = batch_of(train, batch, gen)
-        x0, img_ids = latents_of(pipe, shapes.draw(combos, RESOLUTION, gen, device))
-        captions = [shapes.caption(*c) if r > 0.1 else "" for c, r in zip(combos, torch.rand(batch, generator=gen))]
+        x0, captions = bank.sample(batch, gen)
+        dropped = torch.rand(batch, generator=gen).to(device) < 0.1
+        captions = torch.where(dropped, bank.empty, captions)
         t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)  # logit-normal, as SD3/FLUX
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         g = torch.ones(batch, device=device)
-        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, captions, device), img_ids)
+        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +167,7 @@ def train_flow(pipe, train, steps, batch, gen, device) -> dict:
     return progress.summary()
 
 
-def distill_guidance(pipe, train, steps, batch, gen, device) -> dict:
+def distill_guidance(pipe, bank, steps, batch, gen, device) -> dict:
     teacher = copy.deepcopy(pipe).to(device)
     for m in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2):
         m.eval().requires_grad_(False)
@@ -152,19 +176,18 @@ def distill_guidance(pipe, train, steps, batch, gen, device) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-4, total_steps=steps, pct_start=0.05)
     progress = Progress("distill", steps)
     for i in range(steps):
-        combos = batch_of(train, batch, gen)
-        x0, img_ids = latents_of(pipe, shapes.draw(combos, RESOLUTION, gen, device))
-        captions = [shapes.caption(*c) for c in combos]
+        x0, captions = bank.sample(batch, gen)
+        empty = torch.full_like(captions, bank.empty)
         t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         g = (1 + 4 * torch.rand(batch, generator=gen)).to(device)
         with torch.no_grad():
             ones = torch.ones(batch, device=device)
-            v_c = velocity(teacher.transformer, x_t, t, ones, encode(teacher, captions, device), img_ids)
-            v_u = velocity(teacher.transformer, x_t, t, ones, encode(teacher, [""] * batch, device), img_ids)
+            v_c = velocity(teacher.transformer, x_t, t, ones, encode(teacher, bank, captions), bank.img_ids)
+            v_u = velocity(teacher.transformer, x_t, t, ones, encode(teacher, bank, empty), bank.img_ids)
             target = v_u + g[:, None, None] * (v_c - v_u)
-        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, captions, device), img_ids)
+        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,8 +219,9 @@ def main():
                steps=steps, batch=BATCH, resolution=RESOLUTION, max_sequence_length=MAX_SEQUENCE_LENGTH,
                torch=torch.__version__)
     log["vae"] = train_vae(pipe.vae, train, steps["vae"], BATCH["vae"], gen, device)
-    log["flow"] = train_flow(pipe, train, steps["flow"], BATCH["flow"], gen, device)
-    log["distill"] = distill_guidance(pipe, train, steps["distill"], BATCH["distill"], gen, device)
+    bank = Bank(pipe, train, max(64, int(BANK * min(1.0, args.scale))), gen, device)
+    log["flow"] = train_flow(pipe, bank, steps["flow"], BATCH["flow"], gen, device)
+    log["distill"] = distill_guidance(pipe, bank, steps["distill"], BATCH["distill"], gen, device)
     log["total_seconds"] = round(time.perf_counter() - start, 1)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
