@@ -40,18 +40,20 @@ def _fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
 
-def rows(records: list[dict], folder: str | Path, baseline: dict | None = None) -> list[dict]:
-    """One row per record: times, speedup and image quality against `baseline` where both ran together."""
+def rows(records: list[dict], folder: str | Path, baseline: dict | list[dict] | None = None) -> list[dict]:
+    """One row per record: times, speedup and image quality against the (first) baseline that ran with it."""
+    baselines = baseline if isinstance(baseline, list) else [baseline] if baseline else []
     out = []
     for rec in records:
-        comparable = baseline is not None and same_run(rec, baseline)
-        q = quality(image(rec, folder), image(baseline, folder)) if comparable else {}
+        match = next((b for b in baselines if same_run(rec, b)), None)
+        comparable = match is not None
+        q = quality(image(rec, folder), image(match, folder)) if comparable else {}
         cache = rec.get("cache")
         out.append(dict(
             configuration=f"{rec['label']} ({rec['dtype']})", processes=rec["provenance"]["world_size"],
             device=rec["provenance"]["device_name"], source=rec["model_source"],
             min_s=rec["timing"]["min_s"], median_s=rec["timing"]["median_s"],
-            speedup=baseline["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
+            speedup=match["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
             skipped=f"{cache['skipped']}/{cache['steps']}" if cache else None,
             psnr_db=q.get("psnr_db"), ssim=q.get("ssim"), peak_mem_gb=rec.get("peak_mem_gb"),
         ))
@@ -170,15 +172,18 @@ ARTICLE_ROWS = [
 
 
 def conclusion(records: list[dict]) -> list[dict]:
-    """The newest record for each of the article's rows (None where no run has produced it)."""
+    """The newest record for each of the article's rows (None where no run has produced it), each with the
+    baselines it may be compared with: the first chapter's, then any other baseline of its own run."""
     newest = {(r["chapter"], r["name"]): r for r in records}  # records come oldest first
-    return [dict(row=row, record=newest.get((chapter, name))) for row, chapter, name in ARTICLE_ROWS]
+    baselines = [newest.get(("01_baseline", "baseline"))] + [r for r in reversed(records) if r["name"] == "baseline"]
+    baselines = [b for b in baselines if b]
+    return [dict(row=row, record=newest.get((chapter, name)), baselines=baselines)
+            for row, chapter, name in ARTICLE_ROWS]
 
 
 def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
-    baseline = entries[0]["record"]
     measured = [e["record"] for e in entries if e["record"]]
-    computed = iter(rows(measured, folder, baseline))
+    computed = iter(rows(measured, folder, entries[0]["baselines"]))
     head = ("| Optimizations | Ran as | Processes | Device | Model source | s/image (median) | Speedup | Skipped steps "
             "| PSNR (dB) | SSIM |\n|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
@@ -191,7 +196,8 @@ def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
         body += (f"| {e['row']} | {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} "
                  f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
                  f"| {_fmt(r['ssim'], '.3f')} |\n")
-    notes = ["Speedup, PSNR and SSIM are against the baseline of the same run (bf16 on GPUs, float32 on CPUs)."]
+    notes = ["Speedup, PSNR and SSIM are against a baseline measured in the same run (the first chapter's where it "
+             "ran together with the row, else the baseline of the row's own chapter); bf16 on GPUs, float32 on CPUs."]
     if any(r["random_weights"] for r in measured):
         notes.append(RANDOM_NOTE)
     return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))

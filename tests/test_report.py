@@ -1,5 +1,7 @@
 import copy
 
+import pytest
+
 from PIL import Image
 
 import fluxlab
@@ -16,7 +18,7 @@ def _two_runs(tmp_path, tiny, tiny_pipe):
 def test_speedup_and_quality_only_within_one_run(tmp_path, tiny, tiny_pipe):
     base, fp8 = _two_runs(tmp_path, tiny, tiny_pipe)
     rows = report.rows([base, fp8], tmp_path, base)
-    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == 1.0
+    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == pytest.approx(1.0)
     assert rows[1]["speedup"] == base["timing"]["median_s"] / fp8["timing"]["median_s"]
     assert 20 < rows[1]["psnr_db"] < float("inf")
     other = copy.deepcopy(fp8)
