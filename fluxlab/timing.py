@@ -71,6 +71,8 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
     if dist.is_main:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if settings.source.is_random:  # noise: keep a thumbnail, not megabytes of incompressible pixels
+            image = image.resize((256, 256 * image.height // image.width))
         tmp = output_dir / (record["image"] + ".tmp")
         image.save(tmp, format="PNG")
         os.replace(tmp, output_dir / record["image"])
