@@ -1,4 +1,5 @@
 """Tables, plots, image grids and quality figures, all built from result records."""
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -80,8 +81,8 @@ def table(records: list[dict], folder: str | Path, baseline: dict | None = None)
 
 def plot_times(records: list[dict], title: str = ""):
     """Horizontal bars of median s/image with the minimum marked, labelled with device and source."""
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(records) + 1.2))
-    labels = [f"{r['label']} ({r['provenance']['world_size']}p)" for r in records]
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(records) + 1.2))
+    labels = [textwrap.fill(f"{r['label']} ({r['provenance']['world_size']}p)", 32) for r in records]
     med = [r["timing"]["median_s"] for r in records]
     ax.barh(labels, med, color="#4c72b0", label="median")
     ax.plot([r["timing"]["min_s"] for r in records], labels, "k|", markersize=14, label="min")

@@ -84,3 +84,21 @@ def check(image, combo: tuple) -> dict:
     seen = read(image)
     return dict(seen, background_ok=seen["background"] == combo[3], colour_ok=seen["colour"] == combo[1],
                 shape_ok=seen["shape"] == combo[2])
+
+
+def adherence(pipe, settings, combos: list[tuple] | None = None) -> dict:
+    """Generate one image per held-out prompt (`settings`' seed, size and steps) and check it from its pixels.
+
+    An image adheres when its background colour, shape colour and shape all match the prompt."""
+    import dataclasses
+
+    from .timing import generate
+
+    combos = split()[1] if combos is None else combos
+    results = []
+    for combo in combos:
+        image = generate(pipe, dataclasses.replace(settings, prompt=caption(*combo)))
+        results.append(check(image, combo))
+    ok = [r["background_ok"] and r["colour_ok"] and r["shape_ok"] for r in results]
+    return dict(adherent=sum(ok), prompts=len(ok), background=sum(r["background_ok"] for r in results),
+                colour=sum(r["colour_ok"] for r in results), shape=sum(r["shape_ok"] for r in results))

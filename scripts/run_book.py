@@ -111,8 +111,9 @@ def run_chapter(chapter: dict, params: dict, out: Path, nproc: int) -> None:
     staging = out / ".staging" / name
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "results").mkdir(parents=True)
-    params = {**params, "output_dir": str(staging / "results"), "results_dir": str(out / "results"),
-              "live_widgets": False}
+    # Paths relative to the kernel's working directory (notebooks/), so no machine's layout shows in the book.
+    params = {**params, "output_dir": os.path.relpath(staging / "results", NOTEBOOKS),
+              "results_dir": os.path.relpath(out / "results", NOTEBOOKS), "live_widgets": False}
     if chapter["processes"] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                __file__, "--execute-rank", str(notebook), str(staging), json.dumps(params), str(timeout_s)]
@@ -130,10 +131,12 @@ def run_chapter(chapter: dict, params: dict, out: Path, nproc: int) -> None:
 
 
 def write_toc(out: Path) -> Path:
+    """The book's table of contents: the chapters executed under `out` (the status page says which are not)."""
     rel = out.resolve().relative_to(ROOT)
     toc = out / "_toc.yml"
     lines = ["format: jb-book", "root: book/intro", "chapters:"]
-    lines += [f"  - file: {rel}/{c['name']}" for c in chapters()] + [f"  - file: {rel}/status"]
+    lines += [f"  - file: {rel}/{c['name']}" for c in chapters() if (out / f"{c['name']}.ipynb").exists()]
+    lines += [f"  - file: {rel}/status"]
     toc.write_text("\n".join(lines) + "\n")
     return toc
 
@@ -143,7 +146,7 @@ def write_status(out: Path, title: str) -> None:
     from fluxlab import records, report
 
     runs = json.loads((out / "chapters.json").read_text()) if (out / "chapters.json").exists() else {}
-    listed = [dict(name=c["name"], **runs.get(c["name"], dict(status="not run"))) for c in chapters()]
+    listed = [dict(name=c["name"], **runs.get(c["name"], dict(status="not executed"))) for c in chapters()]
     recs = records.load(out / "results") if (out / "results").exists() else []
     (out / "status.md").write_text(report.status_page(recs, listed, title))
 
