@@ -137,6 +137,21 @@ def velocity(transformer, x_t, t, g, text, img_ids):
                        encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
 
 
+def noised(x0, gen, device):
+    """Rectified flow: t from a logit-normal (as SD3/FLUX), x_t = (1 - t) x0 + t noise."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    return t, noise, (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+
+
+def update(opt, sched, params, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def trainable(pipe):
     return [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
 
@@ -152,17 +167,11 @@ def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
         x0, captions = bank.sample(batch, gen)
         dropped = torch.rand(batch, generator=gen).to(device) < 0.1
         captions = torch.where(dropped, bank.empty, captions)
-        t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)  # logit-normal, as SD3/FLUX
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        t, noise, x_t = noised(x0, gen, device)
         g = torch.ones(batch, device=device)
         v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(opt, sched, params, loss)
         progress.step(i, loss)
     return progress.summary()
 
@@ -178,9 +187,7 @@ def distill_guidance(pipe, bank, steps, batch, gen, device) -> dict:
     for i in range(steps):
         x0, captions = bank.sample(batch, gen)
         empty = torch.full_like(captions, bank.empty)
-        t = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        t, noise, x_t = noised(x0, gen, device)
         g = (1 + 4 * torch.rand(batch, generator=gen)).to(device)
         with torch.no_grad():
             ones = torch.ones(batch, device=device)
@@ -189,11 +196,7 @@ def distill_guidance(pipe, bank, steps, batch, gen, device) -> dict:
             target = v_u + g[:, None, None] * (v_c - v_u)
         v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        update(opt, sched, params, loss)
         progress.step(i, loss)
     return progress.summary()
 

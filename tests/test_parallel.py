@@ -31,7 +31,7 @@ def test_cache_decisions_are_identical_on_every_rank(tmp_path, tiny, tiny_pipe):
     # A threshold at the median step difference of this model, so that some steps are skipped.
     fluxlab.optimize(tiny_pipe, cache=0.0)
     latents(tiny_pipe, tiny)
-    diffs = sorted(d for d in fluxlab.cache_stats(tiny_pipe).summary()["diffs"] if d is not None)
+    diffs = sorted(d for _, d, _ in fluxlab.cache_stats(tiny_pipe).runs[-1] if d is not None)
     threshold = diffs[len(diffs) // 2]
     result = torchrun(2, WORKER, tmp_path / "out", 2, 1, threshold, timeout=120,
                       env={"FLUXLAB_DIST_TIMEOUT_S": "60"})
