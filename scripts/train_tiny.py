@@ -44,7 +44,7 @@ TINY_CONFIGS = {
     "scheduler": dict(base_image_seq_len=64, base_shift=0.5, max_image_seq_len=1024, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
 }
-STEPS = dict(vae=1000, flow=5000, distill=1500)
+STEPS = dict(vae=800, flow=9000, distill=1000)
 BANK = 32768  # pre-encoded training images (random placements of the training captions)
 BATCH = dict(vae=64, flow=128, distill=128)
 
