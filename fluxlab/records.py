@@ -56,17 +56,22 @@ def missing_provenance(record: dict) -> list[str]:
     return missing
 
 
+def replace_atomically(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that a crash mid-write never leaves a half file in place of a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
 def write(record: dict, path: Path) -> Path:
-    """Write atomically: a crash mid-write never leaves a half record in place of a good one."""
+    """Write a record atomically, refusing one without provenance."""
     missing = missing_provenance(record)
     if missing:
         raise ValueError(f"record {record.get('name')!r} lacks provenance: {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return replace_atomically(path, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def load(folder: Path, pattern: str = "*.json") -> list[dict]:

@@ -41,9 +41,8 @@ def _fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
 
-def rows(records: list[dict], folder: str | Path, baseline: dict | list[dict] | None = None) -> list[dict]:
-    """One row per record: times, speedup and image quality against the (first) baseline that ran with it."""
-    baselines = baseline if isinstance(baseline, list) else [baseline] if baseline else []
+def rows(records: list[dict], folder: str | Path, baselines: list[dict]) -> list[dict]:
+    """One row per record: times, speedup and image quality against the first of `baselines` that ran with it."""
     out = []
     for rec in records:
         match = next((b for b in baselines if same_run(rec, b)), None)
@@ -61,13 +60,17 @@ def rows(records: list[dict], folder: str | Path, baseline: dict | list[dict] | 
     return out
 
 
+def _speedup(row: dict) -> str:
+    return _fmt(row["speedup"]) + "x" if row["speedup"] is not None else "— (other run)"
+
+
 def table(records: list[dict], folder: str | Path, baseline: dict | None = None) -> Markdown:
     """The article's results table for these records, as Markdown (renders in Jupyter and in the book)."""
     head = ("| Configuration | Processes | Device | Model source | s/image (min) | s/image (median) | Speedup "
             "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
-    for r in rows(records, folder, baseline):
-        speedup = _fmt(r["speedup"]) + "x" if r["speedup"] is not None else "— (other run)"
+    for r in rows(records, folder, [baseline] if baseline else []):
+        speedup = _speedup(r)
         body += (f"| {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} | {_fmt(r['min_s'], '.3f')} "
                  f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
                  f"| {_fmt(r['ssim'], '.3f')} |\n")
@@ -193,7 +196,7 @@ def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
             body += f"| {e['row']} | not run | | | | | | | | |\n"
             continue
         r = next(computed)
-        speedup = _fmt(r["speedup"]) + "x" if r["speedup"] is not None else "— (other run)"
+        speedup = _speedup(r)
         body += (f"| {e['row']} | {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} "
                  f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
                  f"| {_fmt(r['ssim'], '.3f')} |\n")

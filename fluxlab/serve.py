@@ -125,12 +125,13 @@ class Pool:
             try:
                 kind, value = self.results.get(timeout=0.5)
             except queue.Empty:
-                if self._dead():
-                    return "error", self._dead()
+                if dead := self._dead():
+                    return "error", dead
                 continue
             if kind == "error":  # a rank that lost its peer reports a broken collective: name the dead one
                 time.sleep(0.5)
-                value = f"{self._dead()}; {value}" if self._dead() else value
+                if dead := self._dead():
+                    value = f"{dead}; {value}"
             return kind, value
         return "error", f"no answer within {timeout_s:.0f} s"
 
@@ -152,10 +153,11 @@ class Pool:
             return value, first_use
 
     def health(self) -> dict:
-        alive = [p.is_alive() for p in self.procs]
-        if self.healthy and not all(alive):
-            self.healthy, self.error = False, f"worker process(es) {[r for r, a in enumerate(alive) if not a]} died"
-        return dict(healthy=self.healthy, processes=self.world_size, alive=sum(alive), served=self.served,
+        dead = self._dead()
+        if self.healthy and dead:
+            self.healthy, self.error = False, dead
+        alive = sum(p.is_alive() for p in self.procs)
+        return dict(healthy=self.healthy, processes=self.world_size, alive=alive, served=self.served,
                     error=self.error)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """Time a pipeline call: warm-up apart, device synchronised, repeated; the only writer of records."""
-import os
+import io
 import statistics
 import time
 from pathlib import Path
@@ -70,12 +70,11 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
     )
     if dist.is_main:
         output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
         if settings.source.is_random:  # noise: keep a thumbnail, not megabytes of incompressible pixels
             image = image.resize((256, 256 * image.height // image.width))
-        tmp = output_dir / (record["image"] + ".tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, output_dir / record["image"])
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        records.replace_atomically(output_dir / record["image"], png.getvalue())
         records.write(record, output_dir / f"{chapter}--{name}.json")
     if dist.world_size > 1:
         barrier()

@@ -12,7 +12,6 @@ succeeded; a failed run leaves the previous file as it was.
 import argparse
 import gc
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -113,16 +112,14 @@ def main():
     base = results[0]["s_median"]
     for r in results:
         r["ratio_vs_baseline"] = base / r["s_median"]
-    record = dict(device=records.provenance(settings.device, dist.world_size)["device_name"],
+    provenance = records.provenance(settings.device, dist.world_size)
+    record = dict(device=provenance["device_name"],
                   world_size=dist.world_size, height=settings.height, width=settings.width, steps=settings.steps,
                   guidance=settings.guidance, prompt=settings.prompt, model_source=settings.source.label,
                   scope="text encoding + denoising + VAE decode", configs=results,
-                  provenance=records.provenance(settings.device, dist.world_size))
-    out = Path(args.out) / f"bench-{dist.world_size}gpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+                  provenance=provenance)
+    out = records.replace_atomically(Path(args.out) / f"bench-{dist.world_size}gpu.json",
+                                     json.dumps(record, indent=1).encode())
     print(f"\n{'config':<22}{'procs':>6}{'median s':>10}{'min s':>8}{'ratio':>7}{'cold s':>8}{'peak GB':>9}")
     for r in results:
         print(f"{r['name']:<22}{r['processes']:>6}{r['s_median']:>10.3f}{r['s_min']:>8.3f}{r['ratio_vs_baseline']:>7.2f}"

@@ -17,13 +17,13 @@ def _two_runs(tmp_path, tiny, tiny_pipe):
 
 def test_speedup_and_quality_only_within_one_run(tmp_path, tiny, tiny_pipe):
     base, fp8 = _two_runs(tmp_path, tiny, tiny_pipe)
-    rows = report.rows([base, fp8], tmp_path, base)
+    rows = report.rows([base, fp8], tmp_path, [base])
     assert rows[0]["speedup"] == 1.0 and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == pytest.approx(1.0)
     assert rows[1]["speedup"] == base["timing"]["median_s"] / fp8["timing"]["median_s"]
     assert 10 < rows[1]["psnr_db"] < float("inf")  # FP8 changes pixels (18.9 dB measured at 8 steps)
     other = copy.deepcopy(fp8)
     other["provenance"]["run_id"] = "another-run"
-    assert report.rows([other], tmp_path, base)[0]["speedup"] is None
+    assert report.rows([other], tmp_path, [base])[0]["speedup"] is None
     md = report.table([base, fp8], tmp_path, base).data
     assert "| tiny |" in md and "FP8 weight-only" in md and "1.00x" in md
 
