@@ -69,7 +69,10 @@ def run_config(name: str, settings, dist, args, reference) -> dict | None:
             print(f"{name}: {result['s_median']:.3f} s/image (min {result['s_min']:.3f}), cold start "
                   f"{result['cold_start_s']:.1f} s, peak {result['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
                   f"{result['latents_rel_error']:.2e}", flush=True)
+        if "compile" in kwargs:
+            print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         del pipe
+        torch._dynamo.reset()  # the next configuration compiles from scratch (the on-disk inductor cache aside)
         gc.collect()
         torch.cuda.empty_cache()
     parallel.barrier()

@@ -29,8 +29,8 @@ from fluxlab.sources import build_pipeline
 RESOLUTION = 128
 MAX_SEQUENCE_LENGTH = 64
 TINY_CONFIGS = {
-    "transformer": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
-                        num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64,
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=3, num_single_layers=6, attention_head_dim=32,
+                        num_attention_heads=6, joint_attention_dim=128, pooled_projection_dim=64,
                         guidance_embeds=True, axes_dims_rope=[8, 12, 12]),
     "vae": dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
                 block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
@@ -44,9 +44,10 @@ TINY_CONFIGS = {
     "scheduler": dict(base_image_seq_len=64, base_shift=0.5, max_image_seq_len=1024, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
 }
-STEPS = dict(vae=800, flow=9000, distill=1000)
-BANK = 32768  # pre-encoded training images (random placements of the training captions)
-BATCH = dict(vae=64, flow=128, distill=128)
+STEPS = dict(vae=600, flow=8000, distill=800)
+BANK = 65536  # pre-encoded training images (random placements of the training captions)
+BATCH = dict(vae=64, flow=256, distill=256)
+EMA_DECAY = 0.999  # the flow phase's weights are an exponential moving average (sharper samples than the last step)
 
 
 class Progress:
@@ -133,8 +134,10 @@ def encode(pipe, bank, captions):
 
 def velocity(transformer, x_t, t, g, text, img_ids):
     prompt_embeds, pooled, text_ids = text
-    return transformer(hidden_states=x_t, timestep=t, guidance=g, pooled_projections=pooled,
-                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.device.type == "cuda"):
+        return transformer(hidden_states=x_t, timestep=t, guidance=g, pooled_projections=pooled,
+                           encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
+                           return_dict=False)[0].float()
 
 
 def noised(x0, gen, device):
@@ -156,9 +159,14 @@ def trainable(pipe):
     return [*pipe.transformer.parameters(), *pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
 
 
+def optimizer(params, lr, device):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
+
+
 def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
     params = trainable(pipe)
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    opt = optimizer(params, 5e-4, device)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
     progress = Progress("flow", steps)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
@@ -172,7 +180,11 @@ def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
         v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, noise - x0)
         update(opt, sched, params, loss)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + i) / (10 + i)))
         progress.step(i, loss)
+    with torch.no_grad():
+        torch._foreach_copy_(params, ema)
     return progress.summary()
 
 
@@ -181,7 +193,7 @@ def distill_guidance(pipe, bank, steps, batch, gen, device) -> dict:
     for m in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2):
         m.eval().requires_grad_(False)
     params = trainable(pipe)
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    opt = optimizer(params, 2e-4, device)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-4, total_steps=steps, pct_start=0.05)
     progress = Progress("distill", steps)
     for i in range(steps):
@@ -228,7 +240,9 @@ def main():
     log["total_seconds"] = round(time.perf_counter() - start, 1)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
-    pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
+    pipe.to("cpu")
+    pipe.transformer.to(torch.float16)  # stored in float16 to keep the package small; fluxlab loads it as float32
+    pipe.save_pretrained(args.out, safe_serialization=True)
     Path(args.out, "training.json").write_text(json.dumps(log, indent=1))
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(f"wrote {args.out} ({size / 1e6:.1f} MB) in {log['total_seconds']} s", flush=True)
