@@ -134,10 +134,8 @@ def encode(pipe, bank, captions):
 
 def velocity(transformer, x_t, t, g, text, img_ids):
     prompt_embeds, pooled, text_ids = text
-    with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.device.type == "cuda"):
-        return transformer(hidden_states=x_t, timestep=t, guidance=g, pooled_projections=pooled,
-                           encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
-                           return_dict=False)[0].float()
+    return transformer(hidden_states=x_t, timestep=t, guidance=g, pooled_projections=pooled,
+                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
 
 
 def noised(x0, gen, device):
@@ -163,6 +161,35 @@ def optimizer(params, lr, device):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
 
 
+def flow_step(pipe, bank, batch, gen, device):
+    x0, captions = bank.sample(batch, gen)
+    dropped = torch.rand(batch, generator=gen).to(device) < 0.1
+    captions = torch.where(dropped, bank.empty, captions)
+    t, noise, x_t = noised(x0, gen, device)
+    g = torch.ones(batch, device=device)
+    v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
+    return F.mse_loss(v, noise - x0)
+
+
+def steps_within(budget_s: float, pipe, bank, batch, device) -> tuple[int, float]:
+    """How many flow steps (plus a tenth as many distillation steps, ~2x the cost) fit `budget_s` here, timed on
+    a throwaway copy; the count goes into training.json, so `--flow-steps` reproduces the run."""
+    trial, gen = copy.deepcopy(pipe), torch.Generator().manual_seed(12345)
+    params = trainable(trial)
+    opt = optimizer(params, 1e-5, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(13):
+        if i == 3:  # after warm-up
+            sync()
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        flow_step(trial, bank, batch, gen, device).backward()
+        opt.step()
+    sync()
+    seconds = (time.perf_counter() - start) / 10
+    return int(budget_s / (1.2 * seconds)), seconds
+
+
 def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
     params = trainable(pipe)
     ema = [p.detach().clone() for p in params]
@@ -172,13 +199,7 @@ def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.train().requires_grad_(True)
     for i in range(steps):
-        x0, captions = bank.sample(batch, gen)
-        dropped = torch.rand(batch, generator=gen).to(device) < 0.1
-        captions = torch.where(dropped, bank.empty, captions)
-        t, noise, x_t = noised(x0, gen, device)
-        g = torch.ones(batch, device=device)
-        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
-        loss = F.mse_loss(v, noise - x0)
+        loss = flow_step(pipe, bank, batch, gen, device)
         update(opt, sched, params, loss)
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + i) / (10 + i)))
@@ -219,15 +240,19 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
+    parser.add_argument("--flow-steps", type=int, help="flow steps (distillation gets a tenth as many)")
+    parser.add_argument("--budget-s", type=float, help="choose the flow steps that fit this many seconds here")
     args = parser.parse_args()
-    if args.scale <= 0:
-        raise SystemExit(f"error: --scale {args.scale}: must be > 0")
+    if args.scale <= 0 or (args.flow_steps or 1) <= 0 or (args.budget_s or 1) <= 0:
+        raise SystemExit("error: --scale, --flow-steps and --budget-s must be > 0")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     gen = torch.Generator().manual_seed(args.seed)
     steps = {k: max(1, math.ceil(v * args.scale)) for k, v in STEPS.items()}
+    if args.flow_steps:
+        steps.update(flow=args.flow_steps, distill=max(1, args.flow_steps // 10))
     train, held_out = shapes.split()
-    print(f"training on {device}: {len(train)} captions ({len(held_out)} held out), steps {steps}", flush=True)
+    print(f"training on {device}: {len(train)} captions ({len(held_out)} held out)", flush=True)
     pipe = build_pipeline(TINY_CONFIGS, device, torch.float32, seed=args.seed)
     start = time.perf_counter()
     log = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", seed=args.seed,
@@ -235,6 +260,11 @@ def main():
                torch=torch.__version__)
     log["vae"] = train_vae(pipe.vae, train, steps["vae"], BATCH["vae"], gen, device)
     bank = Bank(pipe, train, max(64, int(BANK * min(1.0, args.scale))), gen, device)
+    if args.budget_s:
+        flow, seconds = steps_within(args.budget_s, pipe, bank, BATCH["flow"], device)
+        steps.update(flow=flow, distill=max(1, flow // 10))
+        log["budget"] = dict(seconds=args.budget_s, flow_step_s=round(seconds, 4))
+    print(f"steps {steps}", flush=True)
     log["flow"] = train_flow(pipe, bank, steps["flow"], BATCH["flow"], gen, device)
     log["distill"] = distill_guidance(pipe, bank, steps["distill"], BATCH["distill"], gen, device)
     log["total_seconds"] = round(time.perf_counter() - start, 1)
