@@ -38,10 +38,20 @@ def _version(name: str) -> str | None:
         return None
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it (torch does not expose it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
 def provenance(device: torch.device, world_size: int) -> dict:
     if device.type == "cuda":
         device_name, device_count = torch.cuda.get_device_name(device), torch.cuda.device_count()
-        accel = dict(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+        accel = dict(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=nvidia_driver())
     else:
         device_name, device_count, accel = f"CPU ({platform.processor() or platform.machine()})", 0, {}
     return dict(git_commit=git_commit(), versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},

@@ -56,8 +56,13 @@ def rows(records: list[dict], folder: str | Path, baselines: list[dict]) -> list
             speedup=match["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
             skipped=f"{cache['skipped']}/{cache['steps']}" if cache else None,
             psnr_db=q.get("psnr_db"), ssim=q.get("ssim"), peak_mem_gb=rec.get("peak_mem_gb"),
+            adherence=_adherence(rec.get("adherence")),
         ))
     return out
+
+
+def _adherence(score: dict | None) -> str | None:
+    return f"{score['adherent']}/{score['prompts']}" if score else None
 
 
 def _speedup(row: dict) -> str:
@@ -66,20 +71,86 @@ def _speedup(row: dict) -> str:
 
 def table(records: list[dict], folder: str | Path, baseline: dict | None = None) -> Markdown:
     """The article's results table for these records, as Markdown (renders in Jupyter and in the book)."""
+    computed = rows(records, folder, [baseline] if baseline else [])
+    scored = any(r["adherence"] for r in computed)
     head = ("| Configuration | Processes | Device | Model source | s/image (min) | s/image (median) | Speedup "
-            "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |" + (ADHERENCE_HEAD if scored else "")
+            + "\n" + "|---" * (10 + scored) + "|\n")
     body = ""
-    for r in rows(records, folder, [baseline] if baseline else []):
+    for r in computed:
         speedup = _speedup(r)
         body += (f"| {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} | {_fmt(r['min_s'], '.3f')} "
                  f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
-                 f"| {_fmt(r['ssim'], '.3f')} |\n")
+                 f"| {_fmt(r['ssim'], '.3f')} |" + (f" {r['adherence'] or '—'} |" if scored else "") + "\n")
     notes = []
+    if scored:
+        notes.append(ADHERENCE_NOTE)
     if any(r["random_weights"] for r in records):
         notes.append(RANDOM_NOTE)
     notes.append("Speedups and quality are measured against the baseline of the same run; timings are the median "
                  "and minimum of repeated calls after a separate warm-up.")
     return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))
+
+
+ADHERENCE_HEAD = " Adherence (held-out prompts) |"
+ADHERENCE_NOTE = ("Adherence: of the tiny pipeline's held-out prompts (colour/shape/background combinations never seen "
+                  "in training), how many images show the prompted background colour, shape colour and shape, read "
+                  "from the pixels. Measured for the tiny source only.")
+
+
+def step_cost_table(records: list[dict]) -> Markdown:
+    """Per record with step costs: skipped steps, s/image, and the median cost of a computed and a skipped step."""
+    head = ("| Configuration | Model source | Device | Skipped steps | s/image (median) | Computed step (ms) "
+            "| Skipped step (ms) | Skipped / computed |\n|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for rec in records:
+        costs = rec["step_costs"]
+        full = [s for s, c in zip(costs["seconds"], costs["computed"]) if c]
+        skip = [s for s, c in zip(costs["seconds"], costs["computed"]) if not c]
+        full_ms = float(np.median(full)) * 1e3 if full else None
+        skip_ms = float(np.median(skip)) * 1e3 if skip else None
+        ratio = f"{skip_ms / full_ms:.1%}" if full_ms and skip_ms else "—"
+        body += (f"| {rec['label']} | {rec['model_source']} | {rec['provenance']['device_name']} | {len(skip)}/{len(full) + len(skip)} "
+                 f"| {rec['timing']['median_s']:.3f} | {_fmt(full_ms, '.1f')} | {_fmt(skip_ms, '.1f')} | {ratio} |\n")
+    note = ("Step costs: each denoising step (transformer call) of one extra call after the timed ones, timed on the "
+            "device; a skipped step still runs the first block and the cache's decision.")
+    return Markdown(head + body + f"\n*{note}*")
+
+
+def plot_skips(records: list[dict]):
+    """Seconds per image against skipped steps, with the least-squares line: its slope is what a skip saves."""
+    skipped = np.array([(r.get("cache") or {}).get("skipped", 0) for r in records], dtype=float)
+    seconds = np.array([r["timing"]["median_s"] for r in records])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(skipped, seconds, "o", color="#4c72b0", label="measured (median)")
+    if len(set(skipped)) > 1:
+        slope, intercept = np.polyfit(skipped, seconds, 1)
+        xs = np.linspace(0, skipped.max(), 2)
+        ax.plot(xs, intercept + slope * xs, "--", color="gray", label=f"fit: {intercept:.2f} s {slope:+.3f} s per skip")
+    ax.set_xlabel("skipped denoising steps"); ax.set_ylabel("seconds per image")
+    sources = sorted({r["model_source"] for r in records})
+    devices = sorted({r["provenance"]["device_name"] for r in records})
+    ax.set_title(f"{', '.join(devices)} - model source: {', '.join(sources)}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def serving_table(one_shot: dict, served: dict) -> Markdown:
+    """A pool's per-request latency against what a one-shot job pays before its first image, from one run."""
+    t = served["timing"]
+    head = "| Measured | Processes | Device | Model source | Seconds |\n|---|---|---|---|---|\n"
+    prov = served["provenance"]
+    where = f"{prov['world_size']} | {prov['device_name']} | {served['model_source']}"
+    body = (f"| One-shot job: start the processes, load, quantize, compile, first image | {where} "
+            f"| {t['cold_start_s']:.1f} |\n"
+            f"| First image of this chapter's torchrun job, after its load (`{one_shot['label']}`) "
+            f"| {one_shot['provenance']['world_size']} | {one_shot['provenance']['device_name']} "
+            f"| {one_shot['model_source']} | {one_shot['timing']['cold_start_s']:.1f} |\n"
+            f"| Pool, per request after warm-up (median; min {t['min_s']:.3f}) | {where} | {t['median_s']:.3f} |\n")
+    note = (f"A warm pool answers in {t['median_s']:.3f} s what a one-shot job answers in {t['cold_start_s']:.1f} s: "
+            f"{t['cold_start_s'] / t['median_s']:.0f}x. Both measured in this run; torchrun's own start is not included.")
+    return Markdown(head + body + f"\n*{note}*")
 
 
 def plot_times(records: list[dict], title: str = ""):
@@ -159,7 +230,7 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
         prov = records[-1]["provenance"]
         lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(prov["versions"].items())]
-        for key in ("cuda", "cudnn"):
+        for key in ("driver", "cuda", "cudnn"):
             if prov.get(key):
                 lines.append(f"| {key} | {prov[key]} |")
     return "\n".join(lines) + "\n"
@@ -188,20 +259,23 @@ def conclusion(records: list[dict]) -> list[dict]:
 def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
     measured = [e["record"] for e in entries if e["record"]]
     computed = iter(rows(measured, folder, entries[0]["baselines"]))
+    scored = any(r.get("adherence") for r in measured)
     head = ("| Optimizations | Ran as | Processes | Device | Model source | s/image (median) | Speedup | Skipped steps "
-            "| PSNR (dB) | SSIM |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| PSNR (dB) | SSIM |" + (ADHERENCE_HEAD if scored else "") + "\n" + "|---" * (10 + scored) + "|\n")
     body = ""
     for e in entries:
         if e["record"] is None:
-            body += f"| {e['row']} | not run | | | | | | | | |\n"
+            body += f"| {e['row']} | not run |" + " |" * (8 + scored) + "\n"
             continue
         r = next(computed)
         speedup = _speedup(r)
         body += (f"| {e['row']} | {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} "
                  f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
-                 f"| {_fmt(r['ssim'], '.3f')} |\n")
+                 f"| {_fmt(r['ssim'], '.3f')} |" + (f" {r['adherence'] or '—'} |" if scored else "") + "\n")
     notes = ["Speedup, PSNR and SSIM are against a baseline measured in the same run (the first chapter's where it "
              "ran together with the row, else the baseline of the row's own chapter); bf16 on GPUs, float32 on CPUs."]
     if any(r["random_weights"] for r in measured):
         notes.append(RANDOM_NOTE)
+    if scored:
+        notes.append(ADHERENCE_NOTE)
     return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))

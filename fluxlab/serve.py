@@ -76,6 +76,7 @@ class Pool:
         import fluxlab
         from fluxlab import parallel
 
+        started = time.perf_counter()
         self.base = fluxlab.settings(model_source, device)  # checks the source before starting anything
         if world_size > 1:
             parallel.check_split(self.base, world_size, world_size)
@@ -88,6 +89,7 @@ class Pool:
         self.results = ctx.Queue()
         self.requests = [ctx.Queue() for _ in range(world_size)]
         config = dict(model_source=model_source, device=device, cache=cache, fp8=fp8, compile=compile)
+        self.config = config
         port = _free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, config, self.requests[r], self.results),
                                   daemon=True) for r in range(world_size)]
@@ -97,7 +99,8 @@ class Pool:
         if kind != "ready":
             self.close()
             raise PoolError(f"the pool did not start: {value}")
-        self.warmup_s, self.healthy = value, True
+        # start_s: everything a one-shot job does before its first image; warmup_s: that first image alone.
+        self.warmup_s, self.start_s, self.healthy = value, time.perf_counter() - started, True
 
     def check(self, request: dict) -> dict:
         """The request's fields, validated like any fluxlab run; raises ValueError saying what is allowed."""

@@ -1,5 +1,6 @@
 """The three model sources: the real FLUX.1-dev, its architecture with random weights, the bundled tiny pipeline."""
 import contextlib
+import gc
 import json
 
 import torch
@@ -29,6 +30,13 @@ def load(settings: Settings, dtype: torch.dtype | None = None) -> FluxPipeline:
         pipe = from_pretrained(str(location), dtype).to(settings.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def free_memory() -> None:
+    """After `del pipe`: collect it now and hand its GPU memory back, so another pipeline or process can use it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def from_pretrained(location: str, dtype: torch.dtype) -> FluxPipeline:

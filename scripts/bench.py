@@ -32,12 +32,21 @@ LADDER = {
     "fp8": (1, dict(fp8="rowwise", compile="regional")),
     "fp8-cudnn": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
     "fp8-cudnn-fused": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional")),
+    "fp8-tensorwise-cudnn": (1, dict(attention="_native_cudnn", fp8="tensorwise", compile="regional")),
+    "fp8-cudnn-full": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="full")),
+    "fp8-cudnn-autotune": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional",
+                                   compile_mode="max-autotune-no-cudagraphs")),
     "fbcache-fp8-cudnn": (1, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
     "cp": (ALL, {}),
     "cp-fp8": (ALL, dict(fp8="rowwise", compile="regional")),
     "cp-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
     "cp-ring-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional", ring=True)),
+    "cp-fbcache-fp8-cudnn": (ALL, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
 }
+# Kernel name patterns for the profile's breakdown of where one image's GPU time goes.
+KERNELS = {"FP8 GEMM": ("f8", "fp8", "e4m3", "scaled_mm"), "attention": ("flash", "fmha", "cudnn", "sdpa", "attn"),
+           "GEMM (bf16)": ("gemm", "cutlass", "xmma", "nvjet", "sm90"), "communication": ("nccl", "all_to_all"),
+           "fused elementwise / quantization (triton)": ("triton",)}
 
 
 def run_config(name: str, settings, dist, args, reference) -> dict | None:
@@ -56,6 +65,7 @@ def run_config(name: str, settings, dist, args, reference) -> dict | None:
             rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=tmp, dist=run_dist,
                                   warmup=args.warmup, repeats=args.repeats)
         latents = fluxlab.generate(pipe, settings, output_type="latent").float().cpu()
+        profiled = profile(pipe, settings) if args.profile and settings.device.type == "cuda" else None
         if dist.is_main:
             ref = latents if reference.get("latents") is None else reference["latents"]
             reference.setdefault("latents", latents)
@@ -64,7 +74,7 @@ def run_config(name: str, settings, dist, args, reference) -> dict | None:
                           s_min=rec["timing"]["min_s"], s_median=rec["timing"]["median_s"],
                           times_s=rec["timing"]["times_s"], cold_start_s=rec["timing"]["cold_start_s"],
                           warmup_s=rec["timing"]["warmup_s"], peak_mem_gb=rec["peak_mem_gb"],
-                          skipped_steps=stats.get("skipped"), optimizations=rec["optimizations"],
+                          skipped_steps=stats.get("skipped"), optimizations=rec["optimizations"], profile=profiled,
                           latents_rel_error=((latents - ref).norm() / ref.norm()).item())
             print(f"{name}: {result['s_median']:.3f} s/image (min {result['s_min']:.3f}), cold start "
                   f"{result['cold_start_s']:.1f} s, peak {result['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
@@ -79,6 +89,28 @@ def run_config(name: str, settings, dist, args, reference) -> dict | None:
     return result
 
 
+def profile(pipe, settings) -> dict:
+    """Where one image's GPU time goes: kernel seconds per category (torch.profiler), and their sum (kernels on
+    overlapping streams, e.g. communication, count in full)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fluxlab.generate(pipe, settings)
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        seconds = event.time_range.elapsed_us() / 1e6
+        name = event.name.lower()
+        category = next((c for c, keys in KERNELS.items() if any(k in name for k in keys)), "other")
+        totals[category] = totals.get(category, 0.0) + seconds
+    totals = {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="baseline,compile,fp8,fp8-cudnn,fp8-cudnn-fused",
@@ -90,6 +122,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "book" / "results"))
+    parser.add_argument("--profile", action="store_true", help="also record each configuration's GPU time by kernel kind")
     args = parser.parse_args()
     names = ["baseline"] + [c for c in args.configs.split(",") if c and c != "baseline"]
     unknown = [c for c in names if c not in LADDER]
@@ -127,6 +160,9 @@ def main():
     for r in results:
         print(f"{r['name']:<22}{r['processes']:>6}{r['s_median']:>10.3f}{r['s_min']:>8.3f}{r['ratio_vs_baseline']:>7.2f}"
               f"{r['cold_start_s']:>8.1f}{r['peak_mem_gb'] or 0:>9.1f}")
+        if r["profile"]:
+            print(f"    kernels {r['profile']['kernel_s']:.3f} s: " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in r["profile"]["by_category_s"].items()))
     print(f"wrote {out}")
 
 

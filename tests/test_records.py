@@ -47,3 +47,19 @@ def test_write_refuses_a_record_without_provenance(tmp_path):
 def test_bad_repeat_counts(tiny, tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="repeats=0"):
         fluxlab.measure(tiny_pipe, tiny, name="b", chapter="t", output_dir=tmp_path, repeats=0)
+
+
+def test_step_costs_follow_the_cache_decisions_and_adherence_is_scored(tmp_path, tiny, tiny_pipe):
+    fluxlab.optimize(tiny_pipe, cache=0.3)
+    rec = fluxlab.measure(tiny_pipe, tiny, name="c", chapter="t", output_dir=tmp_path, repeats=1, step_costs=True,
+                          adherence=True)
+    costs = rec["step_costs"]
+    assert len(costs["seconds"]) == len(costs["computed"]) == tiny.steps and all(s > 0 for s in costs["seconds"])
+    assert costs["computed"].count(False) == rec["cache"]["skipped"] > 0
+    full = [s for s, c in zip(costs["seconds"], costs["computed"]) if c]
+    skip = [s for s, c in zip(costs["seconds"], costs["computed"]) if not c]
+    assert max(skip) < min(full)  # a skipped step runs one block of nine
+    score = rec["adherence"]
+    assert score["prompts"] == 66 and score["adherent"] <= min(score["background"], score["colour"], score["shape"])
+    assert 0 < score["mean_skipped_steps"] < tiny.steps
+    assert json.loads((tmp_path / "t--c.json").read_text())["adherence"] == score

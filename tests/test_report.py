@@ -1,7 +1,7 @@
 import copy
 
+import numpy as np
 import pytest
-
 from PIL import Image
 
 import fluxlab
@@ -43,3 +43,15 @@ def test_grid_and_status(tmp_path, tiny, tiny_pipe):
     assert isinstance(sheet, Image.Image) and sheet.width == 128
     page = report.status_page([base], [dict(name="01_baseline", status="ok", duration_s=3.0)], "Status")
     assert base["provenance"]["git_commit"][:12] in page and "| diffusers | 0.42.1 |" in page
+
+
+def test_step_cost_table_and_skip_plot(tmp_path, tiny, tiny_pipe):
+    base = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    fluxlab.optimize(tiny_pipe, cache=0.3)
+    cached = fluxlab.measure(tiny_pipe, tiny, name="c", chapter="t", output_dir=tmp_path, repeats=1, step_costs=True)
+    costs = cached["step_costs"]
+    skip_ms = 1e3 * float(np.median([s for s, c in zip(costs["seconds"], costs["computed"]) if not c]))
+    table = report.step_cost_table([cached]).data
+    assert f"| {cached['cache']['skipped']}/{tiny.steps} |" in table and f"{skip_ms:.1f}" in table
+    fig = report.plot_skips([base, cached])
+    assert "per skip" in fig.axes[0].get_legend().get_texts()[1].get_text()

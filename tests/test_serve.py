@@ -77,6 +77,18 @@ def test_concurrent_requests_match_one_shot_generation(server):
     assert health(server.url) == (200, dict(healthy=True, processes=2, alive=2, served=30, error=None))
 
 
+def test_pool_latency_record(server, tmp_path):
+    settings = fluxlab.settings("tiny", "cpu", prompt=PROMPTS[1], seed=3)
+    rec = fluxlab.measure_pool(server.pool, settings, name="pool", chapter="t", output_dir=tmp_path, repeats=2)
+    assert len(rec["timing"]["times_s"]) == 2 and rec["timing"]["cold_start_s"] == server.pool.start_s
+    assert server.pool.start_s > server.pool.warmup_s > 0  # the start includes loading, not just the first image
+    assert rec["provenance"]["world_size"] == 2 and rec["settings"]["prompt"] == PROMPTS[1]
+    one_shot = np.asarray(fluxlab.generate(fluxlab.load(settings), settings), dtype=np.int16)
+    assert np.abs(pixels((tmp_path / "t--pool.png").read_bytes()) - one_shot).max() <= 1
+    table = fluxlab.report.serving_table(rec | {"label": "x"}, rec).data
+    assert f"{rec['timing']['median_s']:.3f}" in table and f"{rec['timing']['cold_start_s']:.1f}" in table
+
+
 def test_bad_requests_get_4xx_and_the_pool_keeps_serving(server):
     status, body = post(server.url, dict(height=100))
     assert status == 400 and b"multiple of 16" in body

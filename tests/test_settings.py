@@ -26,6 +26,9 @@ def test_defaults_come_from_the_source():
     dev = fluxlab.settings("flux-dev-random", device="cpu")
     assert (dev.height, dev.width, dev.steps, dev.max_sequence_length, dev.guidance) == (1024, 1024, 28, 512, 3.5)
     assert dev.image_tokens == 4096
+    assert tiny.prompt == "a large yellow circle on a blue background"  # its world is shapes
+    assert dev.prompt == "A cat holding a sign that says hello world"  # the article's
+    assert fluxlab.settings("tiny", prompt="a small red square on a white background").prompt.startswith("a small")
 
 
 def test_source_kinds(tmp_path):
@@ -48,11 +51,14 @@ def test_bad_options(kwargs, message):
 
 
 def test_parallel_split_checks():
-    tiny = fluxlab.settings("tiny")  # 64 image tokens, 64 text tokens, 4 heads
-    parallel.check_split(tiny, 4, 4)
+    tiny = fluxlab.settings("tiny")  # 64 image tokens, 64 text tokens, 6 heads
+    parallel.check_split(tiny, 4, 2)
+    parallel.check_split(tiny, 4, 1)
+    with pytest.raises(ValueError, match="6 attention heads do not split over ulysses_degree=4"):
+        parallel.check_split(tiny, 4, 4)
     with pytest.raises(ValueError, match="do not split evenly over 3 processes"):
         parallel.check_split(tiny, 3, 3)
-    with pytest.raises(ValueError, match="8 attention heads|4 attention heads do not split over ulysses_degree=8"):
+    with pytest.raises(ValueError, match="6 attention heads do not split over ulysses_degree=8"):
         parallel.check_split(fluxlab.settings("tiny", height=256, width=256), 8, 8)
     assert parallel.degrees(4) == (4, 1)
     assert parallel.degrees(4, ring=2) == (2, 2)
