@@ -36,6 +36,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, config: dict, requests, results) -> None:
+    # A pool started from inside a torchrun job must not join torchrun's rendezvous store.
+    for name in [n for n in os.environ if n.startswith("TORCHELASTIC_")]:
+        del os.environ[name]
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import torch

@@ -7,7 +7,8 @@ Each configuration loads a fresh pipeline (default source flux-dev-random, the a
 28 steps, guidance 3.5, text encoding + denoising + VAE decode), applies its optimizations, makes `--warmup` calls
 (the first is the cold start, compilation included), then times `--repeats` calls. One-process configurations run
 on rank 0 while the other ranks wait. Writes `<out>/bench-<N>gpu.json` (rank 0) only when every configuration
-succeeded; a failed run leaves the previous file as it was.
+succeeded; a failed run leaves the previous file as it was. Progress goes to `bench-<N>gpu.partial.json` after each
+configuration (a run stopped by a time limit keeps what it measured).
 """
 import argparse
 import gc
@@ -111,6 +112,17 @@ def profile(pipe, settings) -> dict:
     return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals)
 
 
+def summary(results: list[dict], settings, dist) -> dict:
+    base = results[0]["s_median"]
+    for r in results:
+        r["ratio_vs_baseline"] = base / r["s_median"]
+    provenance = records.provenance(settings.device, dist.world_size)
+    return dict(device=provenance["device_name"], world_size=dist.world_size, height=settings.height,
+                width=settings.width, steps=settings.steps, guidance=settings.guidance, prompt=settings.prompt,
+                model_source=settings.source.label, scope="text encoding + denoising + VAE decode", configs=results,
+                provenance=provenance)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="baseline,compile,fp8,fp8-cudnn,fp8-cudnn-fused",
@@ -139,23 +151,18 @@ def main():
         raise SystemExit(f"error: {err}") from None
     settings = settings.on(dist.device)
     reference, results = {}, []
+    final = Path(args.out) / f"bench-{dist.world_size}gpu.json"
+    partial = final.with_name(final.stem + ".partial.json")
     for name in names:
         result = run_config(name, settings, dist, args, reference)
         if result:
             results.append(result)
+            # progress after each configuration, apart from the last complete record
+            records.replace_atomically(partial, json.dumps(summary(results, settings, dist), indent=1).encode())
     if not dist.is_main:
         return
-    base = results[0]["s_median"]
-    for r in results:
-        r["ratio_vs_baseline"] = base / r["s_median"]
-    provenance = records.provenance(settings.device, dist.world_size)
-    record = dict(device=provenance["device_name"],
-                  world_size=dist.world_size, height=settings.height, width=settings.width, steps=settings.steps,
-                  guidance=settings.guidance, prompt=settings.prompt, model_source=settings.source.label,
-                  scope="text encoding + denoising + VAE decode", configs=results,
-                  provenance=provenance)
-    out = records.replace_atomically(Path(args.out) / f"bench-{dist.world_size}gpu.json",
-                                     json.dumps(record, indent=1).encode())
+    out = records.replace_atomically(final, json.dumps(summary(results, settings, dist), indent=1).encode())
+    partial.unlink()
     print(f"\n{'config':<22}{'procs':>6}{'median s':>10}{'min s':>8}{'ratio':>7}{'cold s':>8}{'peak GB':>9}")
     for r in results:
         print(f"{r['name']:<22}{r['processes']:>6}{r['s_median']:>10.3f}{r['s_min']:>8.3f}{r['ratio_vs_baseline']:>7.2f}"
