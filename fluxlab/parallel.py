@@ -90,8 +90,8 @@ _cpu_group = None
 
 
 def barrier() -> None:
-    """Wait for every process, on the CPU (gloo). An NCCL barrier leaves a spinning kernel on a waiting process's
-    GPU, and any other process on that GPU then shares it by time slices (the serving pool ran 1.56x slower)."""
+    """Wait for every process, on the CPU (gloo): an NCCL barrier would leave a kernel spinning on a waiting
+    process's GPU, sharing it by time slices with any other process there (e.g. a serving pool)."""
     global _cpu_group
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return

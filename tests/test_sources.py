@@ -13,7 +13,8 @@ from conftest import latents
 def test_local_folder_in_hub_layout_loads_with_the_real_model_code(tmp_path, tiny, tiny_pipe):
     folder = tmp_path / "FLUX.1-dev"
     shutil.copytree(TINY_DIR, folder)
-    settings = fluxlab.settings(str(folder), device="cpu", steps=8, height=128, width=128, max_sequence_length=64)
+    settings = fluxlab.settings(str(folder), device="cpu", prompt=tiny.prompt, steps=8, height=128, width=128,
+                                max_sequence_length=64)
     assert settings.source.kind == "real"
     pipe = fluxlab.load(settings)
     assert torch.equal(latents(pipe, settings), latents(tiny_pipe, tiny))
