@@ -23,6 +23,10 @@ class CacheStats:
     threshold: float
     runs: list = dataclasses.field(default_factory=list)
 
+    def skipped_counts(self, first: int = 0) -> list[int]:
+        """Steps skipped in each pipeline call from call `first` on."""
+        return [sum(not computed for _, _, computed in run) for run in self.runs[first:]]
+
     def summary(self, run: int = -1) -> dict:
         steps = self.runs[run] if self.runs else []
         computed = [s for s, _, c in steps if c]

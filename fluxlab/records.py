@@ -1,5 +1,6 @@
 """Result records: one JSON file per measured configuration, with the provenance of the run that wrote it."""
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -38,6 +39,7 @@ def _version(name: str) -> str | None:
         return None
 
 
+@functools.cache
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version as nvidia-smi reports it (torch does not expose it)."""
     try:

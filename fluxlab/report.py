@@ -65,23 +65,28 @@ def _adherence(score: dict | None) -> str | None:
     return f"{score['adherent']}/{score['prompts']}" if score else None
 
 
-def _speedup(row: dict) -> str:
-    return _fmt(row["speedup"]) + "x" if row["speedup"] is not None else "— (other run)"
+def _head(columns: str, count: int, scored: bool) -> str:
+    """A table's header row (plus the adherence column where any row has a score) and its separator."""
+    return columns + (ADHERENCE_HEAD if scored else "") + "\n" + "|---" * (count + scored) + "|\n"
+
+
+def _tail(row: dict, scored: bool) -> str:
+    """The cells both results tables end with: speedup, skipped steps, PSNR, SSIM (and adherence)."""
+    speedup = _fmt(row["speedup"]) + "x" if row["speedup"] is not None else "— (other run)"
+    return (f"| {speedup} | {row['skipped'] or '—'} | {_fmt(row['psnr_db'], '.1f')} | {_fmt(row['ssim'], '.3f')} |"
+            + (f" {row['adherence'] or '—'} |" if scored else "") + "\n")
 
 
 def table(records: list[dict], folder: str | Path, baseline: dict | None = None) -> Markdown:
     """The article's results table for these records, as Markdown (renders in Jupyter and in the book)."""
     computed = rows(records, folder, [baseline] if baseline else [])
     scored = any(r["adherence"] for r in computed)
-    head = ("| Configuration | Processes | Device | Model source | s/image (min) | s/image (median) | Speedup "
-            "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |" + (ADHERENCE_HEAD if scored else "")
-            + "\n" + "|---" * (10 + scored) + "|\n")
+    head = _head("| Configuration | Processes | Device | Model source | s/image (min) | s/image (median) | Speedup "
+                 "| Skipped steps | PSNR vs baseline (dB) | SSIM vs baseline |", 10, scored)
     body = ""
     for r in computed:
-        speedup = _speedup(r)
         body += (f"| {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} | {_fmt(r['min_s'], '.3f')} "
-                 f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
-                 f"| {_fmt(r['ssim'], '.3f')} |" + (f" {r['adherence'] or '—'} |" if scored else "") + "\n")
+                 f"| {_fmt(r['median_s'], '.3f')} " + _tail(r, scored))
     notes = []
     if scored:
         notes.append(ADHERENCE_NOTE)
@@ -260,18 +265,16 @@ def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
     measured = [e["record"] for e in entries if e["record"]]
     computed = iter(rows(measured, folder, entries[0]["baselines"]))
     scored = any(r.get("adherence") for r in measured)
-    head = ("| Optimizations | Ran as | Processes | Device | Model source | s/image (median) | Speedup | Skipped steps "
-            "| PSNR (dB) | SSIM |" + (ADHERENCE_HEAD if scored else "") + "\n" + "|---" * (10 + scored) + "|\n")
+    head = _head("| Optimizations | Ran as | Processes | Device | Model source | s/image (median) | Speedup "
+                 "| Skipped steps | PSNR (dB) | SSIM |", 10, scored)
     body = ""
     for e in entries:
         if e["record"] is None:
             body += f"| {e['row']} | not run |" + " |" * (8 + scored) + "\n"
             continue
         r = next(computed)
-        speedup = _speedup(r)
         body += (f"| {e['row']} | {r['configuration']} | {r['processes']} | {r['device']} | {r['source']} "
-                 f"| {_fmt(r['median_s'], '.3f')} | {speedup} | {r['skipped'] or '—'} | {_fmt(r['psnr_db'], '.1f')} "
-                 f"| {_fmt(r['ssim'], '.3f')} |" + (f" {r['adherence'] or '—'} |" if scored else "") + "\n")
+                 f"| {_fmt(r['median_s'], '.3f')} " + _tail(r, scored))
     notes = ["Speedup, PSNR and SSIM are against a baseline measured in the same run (the first chapter's where it "
              "ran together with the row, else the baseline of the row's own chapter); bf16 on GPUs, float32 on CPUs."]
     if any(r["random_weights"] for r in measured):

@@ -5,10 +5,12 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import records
 from .optimize import applied, cache_stats, describe
 from .parallel import Dist, barrier
+from .serve import REQUEST_FIELDS
 from .settings import Settings
 from .sources import default_dtype
 
@@ -32,6 +34,11 @@ def _timed_call(pipe, settings: Settings, dist: Dist) -> tuple[float, object]:
     image = generate(pipe, settings)
     _sync(settings.device)
     return time.perf_counter() - start, image
+
+
+def _timing(warmup_s: list[float], times: list[float], **extra) -> dict:
+    return dict(warmup_s=warmup_s, times_s=times, min_s=min(times), median_s=statistics.median(times),
+                cold_start_s=warmup_s[0], **extra)
 
 
 def step_times(pipe, settings: Settings) -> list[float]:
@@ -69,7 +76,7 @@ def _adherence(pipe, settings: Settings) -> dict | None:
     before = len(stats.runs) if stats else 0
     score = adherence(pipe, settings)
     if stats:
-        skipped = [sum(not c for _, _, c in run) for run in stats.runs[before:]]
+        skipped = stats.skipped_counts(before)
         score["mean_skipped_steps"] = sum(skipped) / len(skipped)
     return score
 
@@ -105,8 +112,7 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
         random_weights=settings.source.is_random,
         settings=settings.as_dict(),
         optimizations={k: v for k, v in done.items() if not k.startswith("_")},
-        timing=dict(warmup_s=warmup_s, times_s=times, min_s=min(times), median_s=statistics.median(times),
-                    cold_start_s=warmup_s[0]),
+        timing=_timing(warmup_s, times),
         cache=stats.summary() if stats else None,
         peak_mem_gb=torch.cuda.max_memory_allocated(settings.device) / 1e9 if settings.device.type == "cuda" else None,
         image=f"{chapter}--{name}.png",
@@ -141,8 +147,6 @@ def measure_pool(pool, settings: Settings, *, name: str, chapter: str, output_di
 
     The pool's start (spawn the processes, load, optimize and compile, first image) is what a one-shot job pays
     before its first image; it is recorded as the cold start. Writes the record like `measure`."""
-    from .serve import REQUEST_FIELDS
-
     request = pool.check({k: getattr(settings, k) for k in REQUEST_FIELDS})
     pool.generate(request)
     times = []
@@ -150,16 +154,13 @@ def measure_pool(pool, settings: Settings, *, name: str, chapter: str, output_di
         start = time.perf_counter()
         png, _ = pool.generate(request)
         times.append(time.perf_counter() - start)
-    from PIL import Image
-
     optimizations = {k: v for k, v in pool.config.items() if k in ("cache", "fp8", "compile") and v is not None}
     label = "serving pool: " + (", ".join(f"{k} {v}" for k, v in optimizations.items()) or "no optimizations")
     record = dict(
         name=name, chapter=chapter, label=f"{label}, {pool.world_size} process(es)",
         model_source=settings.source.label, dtype=str(default_dtype(settings.device)).removeprefix("torch."),
         random_weights=settings.source.is_random, settings=settings.as_dict(), optimizations=optimizations,
-        timing=dict(warmup_s=[pool.start_s], times_s=times, min_s=min(times), median_s=statistics.median(times),
-                    cold_start_s=pool.start_s, first_image_in_worker_s=pool.warmup_s),
+        timing=_timing([pool.start_s], times, first_image_in_worker_s=pool.warmup_s),
         cache=None, peak_mem_gb=None, image=f"{chapter}--{name}.png",
         provenance=records.provenance(settings.device, pool.world_size),
     )

@@ -43,7 +43,7 @@ def main():
         stats = fluxlab.cache_stats(pipe)
         skipped = ""
         if stats:
-            counts = [sum(not computed for _, _, computed in run) for run in stats.runs]
+            counts = stats.skipped_counts()
             skipped = f", skipped {min(counts)}-{max(counts)} of {settings.steps} steps (mean {sum(counts) / len(counts):.1f})"
         print(f"{name}: {score['adherent']}/{score['prompts']} adherent (background {score['background']}, colour "
               f"{score['colour']}, shape {score['shape']}){skipped}", flush=True)

@@ -112,11 +112,10 @@ def profile(pipe, settings) -> dict:
     return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals)
 
 
-def summary(results: list[dict], settings, dist) -> dict:
+def summary(results: list[dict], settings, dist, provenance: dict) -> dict:
     base = results[0]["s_median"]
     for r in results:
         r["ratio_vs_baseline"] = base / r["s_median"]
-    provenance = records.provenance(settings.device, dist.world_size)
     return dict(device=provenance["device_name"], world_size=dist.world_size, height=settings.height,
                 width=settings.width, steps=settings.steps, guidance=settings.guidance, prompt=settings.prompt,
                 model_source=settings.source.label, scope="text encoding + denoising + VAE decode", configs=results,
@@ -151,6 +150,7 @@ def main():
         raise SystemExit(f"error: {err}") from None
     settings = settings.on(dist.device)
     reference, results = {}, []
+    provenance = records.provenance(settings.device, dist.world_size)
     final = Path(args.out) / f"bench-{dist.world_size}gpu.json"
     partial = final.with_name(final.stem + ".partial.json")
     for name in names:
@@ -158,10 +158,10 @@ def main():
         if result:
             results.append(result)
             # progress after each configuration, apart from the last complete record
-            records.replace_atomically(partial, json.dumps(summary(results, settings, dist), indent=1).encode())
+            records.replace_atomically(partial, json.dumps(summary(results, settings, dist, provenance), indent=1).encode())
     if not dist.is_main:
         return
-    out = records.replace_atomically(final, json.dumps(summary(results, settings, dist), indent=1).encode())
+    out = records.replace_atomically(final, json.dumps(summary(results, settings, dist, provenance), indent=1).encode())
     partial.unlink()
     print(f"\n{'config':<22}{'procs':>6}{'median s':>10}{'min s':>8}{'ratio':>7}{'cold s':>8}{'peak GB':>9}")
     for r in results:

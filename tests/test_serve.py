@@ -1,5 +1,6 @@
 """The persistent pool and its HTTP front, on the tiny source with 2 gloo ranks (context parallel)."""
 import concurrent.futures
+import dataclasses
 import io
 import json
 import os
@@ -66,8 +67,8 @@ def test_concurrent_requests_match_one_shot_generation(server):
     requests = [dict(prompt=PROMPTS[i % 3], seed=i % 2, steps=8) for i in range(30)]
     settings = fluxlab.settings("tiny", device="cpu", steps=8)
     pipe = fluxlab.load(settings)
-    reference = {(r["prompt"], r["seed"]): np.asarray(fluxlab.generate(pipe, settings.__class__(
-        **{**settings.__dict__, "prompt": r["prompt"], "seed": r["seed"]})), dtype=np.int16) for r in requests}
+    reference = {(r["prompt"], r["seed"]): np.asarray(fluxlab.generate(pipe, dataclasses.replace(
+        settings, prompt=r["prompt"], seed=r["seed"])), dtype=np.int16) for r in requests}
     with concurrent.futures.ThreadPoolExecutor(4) as clients:
         answers = list(clients.map(lambda r: post(server.url, r), requests))
     for request, (status, png) in zip(requests, answers):
