@@ -40,10 +40,11 @@ def check(cache=None, fp8=None, compile=None) -> None:
 
 def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
              cache: float | None = None, fp8: str | None = None, compile: str | None = None,
-             compile_mode: str | None = None) -> dict:
+             compile_mode: str | None = None, channels_last_vae: bool = False) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn'), fused QKV projections,
     context parallelism (ulysses, ring), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), then
-    torch.compile ('regional': the repeated blocks, 'full': the whole transformer). Each at most once."""
+    torch.compile ('regional': the repeated blocks, 'full': the whole transformer); `channels_last_vae` stores the
+    VAE's convolution weights channels-last (the layout cuDNN's convolutions prefer). Each at most once."""
     check(cache, fp8, compile)
     done = applied(pipe)
     steps = (("attention", attention), ("fuse_qkv", fuse_qkv or None), ("parallel", parallel), ("cache", cache),
@@ -82,6 +83,9 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         else:
             transformer.compile(fullgraph=fullgraph, mode=compile_mode)
         done["compile"] = dict(scope=compile, mode=compile_mode or "default", fullgraph=fullgraph)
+    if channels_last_vae and "channels_last_vae" not in done:
+        pipe.vae.to(memory_format=torch.channels_last)
+        done["channels_last_vae"] = True
     return {k: v for k, v in done.items() if not k.startswith("_")}
 
 
@@ -99,6 +103,8 @@ def describe(done: dict, world_size: int = 1) -> str:
         parts.append(f"attention {done['attention'].strip('_')}")
     if "fuse_qkv" in done:
         parts.append("fused QKV")
+    if "channels_last_vae" in done:
+        parts.append("channels-last VAE")
     if "parallel" in done:
         p = done["parallel"]
         parts.append(f"CP x{world_size} (ulysses {p['ulysses']}, ring {p['ring']})")

@@ -34,9 +34,11 @@ LADDER = {
     "fp8-cudnn": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
     "fp8-cudnn-fused": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional")),
     "fp8-tensorwise-cudnn": (1, dict(attention="_native_cudnn", fp8="tensorwise", compile="regional")),
+    "fp8-cudnn-fused-vae": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional",
+                                    channels_last_vae=True)),
     "fp8-cudnn-full": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="full")),
-    "fp8-cudnn-autotune": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional",
-                                   compile_mode="max-autotune-no-cudagraphs")),
+    "fp8-cudnn-autotune": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional",
+                                   compile_mode="max-autotune-no-cudagraphs", channels_last_vae=True)),
     "fbcache-fp8-cudnn": (1, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
     "cp": (ALL, {}),
     "cp-fp8": (ALL, dict(fp8="rowwise", compile="regional")),
@@ -100,7 +102,7 @@ def profile(pipe, settings) -> dict:
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fluxlab.generate(pipe, settings)
         torch.cuda.synchronize()
-    totals = {}
+    totals, kernels = {}, {}
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
             continue
@@ -108,8 +110,11 @@ def profile(pipe, settings) -> dict:
         name = event.name.lower()
         category = next((c for c, keys in KERNELS.items() if any(k in name for k in keys)), "other")
         totals[category] = totals.get(category, 0.0) + seconds
+        kernels[event.name[:120]] = kernels.get(event.name[:120], 0.0) + seconds
     totals = {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-    return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals,
+                top_kernels_s={k: round(v, 4) for k, v in top})
 
 
 def summary(results: list[dict], settings, dist, provenance: dict) -> dict:
