@@ -46,10 +46,13 @@ LADDER = {
     "cp-ring-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional", ring=True)),
     "cp-fbcache-fp8-cudnn": (ALL, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
 }
-# Kernel name patterns for the profile's breakdown of where one image's GPU time goes.
-KERNELS = {"FP8 GEMM": ("f8", "fp8", "e4m3", "scaled_mm"), "attention": ("flash", "fmha", "cudnn", "sdpa", "attn"),
-           "GEMM (bf16)": ("gemm", "cutlass", "xmma", "nvjet", "sm90"), "communication": ("nccl", "all_to_all"),
-           "fused elementwise / quantization (triton)": ("triton",)}
+# Kernel name patterns for the profile's breakdown of where one image's GPU time goes, tried in this order
+# (inductor's fused kernels name the ops they fuse, e.g. "triton_..._scaled_mm_...", so they come first;
+# cuBLAS's FP8 kernels are "nvjet_..._qqtst_...").
+KERNELS = {"fused elementwise / quantization (triton)": ("triton",), "communication": ("nccl", "all_to_all"),
+           "attention": ("flash", "fmha", "sdpa", "attn", "attention"), "FP8 GEMM": ("qqtst", "f8", "e4m3", "scaled_mm"),
+           "convolution": ("implicit_gemm", "conv", "fprop", "dgrad"),
+           "GEMM (bf16)": ("gemm", "cutlass", "xmma", "nvjet", "sm90")}
 
 
 def run_config(name: str, settings, dist, args, reference) -> dict | None:
