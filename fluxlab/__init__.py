@@ -17,12 +17,12 @@ import diffusers  # noqa: E402
 
 diffusers.utils.logging.disable_progress_bar()
 
-from . import parallel, records, report, serve  # noqa: E402
+from . import ladder, parallel, records, report, serve  # noqa: E402
 from .optimize import applied, cache_stats, clear_cache, optimize
 from .optimize import check as check_options  # noqa: E402
 from .settings import Settings, settings  # noqa: E402
 from .sources import ModelUnavailable, free_memory, load  # noqa: E402
 from .timing import generate, measure, measure_pool  # noqa: E402
 
-__all__ = ["ModelUnavailable", "Settings", "applied", "cache_stats", "check_options", "clear_cache", "generate", "load", "measure", "optimize",
+__all__ = ["ModelUnavailable", "Settings", "applied", "cache_stats", "check_options", "clear_cache", "generate", "load", "measure", "ladder", "optimize",
            "parallel", "records", "report", "settings"]

@@ -39,21 +39,38 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _nvidia_smi(*args: str) -> str:
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 @functools.cache
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version as nvidia-smi reports it (torch does not expose it)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
     return out.splitlines()[0].strip() if out.strip() else None
+
+
+def gpu_links(topology: str, count: int) -> str | None:
+    """How GPUs 0..count-1 reach each other, from `nvidia-smi topo -m`'s matrix: e.g. 'NV18' (18 bonded NVLinks),
+    'SYS' or 'PHB' (PCIe); None where the matrix is missing. Context parallelism's speed depends on it."""
+    names = {f"GPU{i}" for i in range(count)}
+    links = set()
+    for line in topology.splitlines():
+        cells = line.split()
+        if cells and line.startswith("GPU") and cells[0] in names:  # the header row starts with a tab
+            links.update(c for c in cells[1:1 + count] if c != "X")
+    return ", ".join(sorted(links)) or None
 
 
 def provenance(device: torch.device, world_size: int) -> dict:
     if device.type == "cuda":
         device_name, device_count = torch.cuda.get_device_name(device), torch.cuda.device_count()
         accel = dict(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=nvidia_driver())
+        if world_size > 1:
+            accel["gpu_links"] = gpu_links(_nvidia_smi("topo", "-m"), world_size)
     else:
         device_name, device_count, accel = f"CPU ({platform.processor() or platform.machine()})", 0, {}
     return dict(git_commit=git_commit(), versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},

@@ -235,7 +235,7 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
         prov = records[-1]["provenance"]
         lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(prov["versions"].items())]
-        for key in ("driver", "cuda", "cudnn"):
+        for key in ("driver", "cuda", "cudnn", "gpu_links"):
             if prov.get(key):
                 lines.append(f"| {key} | {prov[key]} |")
     return "\n".join(lines) + "\n"

@@ -107,7 +107,7 @@ def profile(pipe, settings) -> dict:
         torch.cuda.synchronize()
     totals, kernels = {}, {}
     for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
+        if event.device_type != DeviceType.CUDA or event.name.startswith("nccl:"):  # NCCL's range, not a kernel
             continue
         seconds = event.time_range.elapsed_us() / 1e6
         name = event.name.lower()

@@ -44,7 +44,8 @@ def test_runner_refuses_bad_input_before_running(out, args, message):
 def test_whole_book_on_tiny(out, tmp_path):
     result = run("--out", out, "--path-output", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("01_baseline", "02_first_block_cache", "03_fp8_compile", "04_context_parallel", "05_conclusion"):
+    for name in ("01_baseline", "02_first_block_cache", "03_fp8_compile", "04_context_parallel", "05_conclusion",
+                 "06_performance"):
         nb = nbformat.read(out / f"{name}.ipynb", 4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         assert outputs and not any(o.output_type == "error" for o in outputs), name
@@ -55,6 +56,8 @@ def test_whole_book_on_tiny(out, tmp_path):
     assert baseline_row and re.search(r"<td[^>]*><p>\d+\.\d{3}</p></td>", baseline_row.group(0))
     assert "context parallel, 2 processes" in table and "tiny" in table
     assert table.count("not run") == 1  # only the 4-process row
+    performance = (tmp_path / "_build" / "html" / "book" / out.name / "06_performance.html").read_text()
+    assert "benchmark record(s)" in performance  # the committed GPU ladder (book/results), or says there is none
     status = (tmp_path / "_build" / "html" / "book" / out.name / "status.html").read_text()
     assert "04_context_parallel" in status and "diffusers" in status
 

@@ -23,7 +23,7 @@ def code_cells(nb) -> list[str]:
 
 def test_there_is_a_published_book():
     assert [p.stem for p in CHAPTERS][:2] == ["01_baseline", "02_first_block_cache"]
-    assert (PUBLISHED / "05_conclusion.ipynb").exists()
+    assert (PUBLISHED / "05_conclusion.ipynb").exists() and (PUBLISHED / "06_performance.ipynb").exists()
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
@@ -64,6 +64,15 @@ def test_rendered_conclusion_shows_the_numbers(built):
     assert re.search(r"<td><p>Baseline</p></td>(.|\n)*?<td><p>\d+\.\d{3}</p></td>", table)
     assert "NVIDIA H" in table and "flux-dev-random" in table and "not run" in table
     assert "random weights" in html
+
+
+def test_rendered_performance_page_shows_the_h100_ladder(built):
+    html = (built / "book" / "published" / "06_performance.html").read_text()
+    assert "1x NVIDIA H100 80GB HBM3" in html and "bench-1gpu.json" in html
+    table = html[html.index("<table"):html.index("</table>")]
+    assert re.search(r"<td><p>baseline \(<code[^>]*><span[^>]*>baseline</span></code>\)</p></td>\s*<td><p>1</p></td>"
+                     r"\s*<td><p>\d+\.\d{3}</p></td>", table)
+    assert "Target:" in html and "<img" in html
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (apt-get install chromium)")

@@ -63,3 +63,21 @@ def test_step_costs_follow_the_cache_decisions_and_adherence_is_scored(tmp_path,
     assert score["prompts"] == 66 and score["adherent"] <= min(score["background"], score["colour"], score["shape"])
     assert 0 < score["mean_skipped_steps"] < tiny.steps
     assert json.loads((tmp_path / "t--c.json").read_text())["adherence"] == score
+
+
+TOPOLOGY = """\t\x1b[4mGPU0\tGPU1\tGPU2\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m
+GPU0\t X \tNV18\tSYS\t0-31\t0\t\tN/A
+GPU1\tNV18\t X \tSYS\t0-31\t0\t\tN/A
+GPU2\tSYS\tSYS\t X \t32-63\t1\t\tN/A
+
+Legend:
+
+  X    = Self
+  NV#  = Connection traversing a bonded set of # NVLinks
+"""
+
+
+def test_gpu_links_reads_the_topology_matrix():
+    assert records.gpu_links(TOPOLOGY, 2) == "NV18"
+    assert records.gpu_links(TOPOLOGY, 3) == "NV18, SYS"
+    assert records.gpu_links("", 2) is None
