@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 # The targets we hold the full-size model to (1024x1024, 28 steps, end to end, no cache), per process count:
 # seconds per image, and speedup over the reference configuration of the same run.
@@ -12,7 +12,7 @@ TARGETS = {1: dict(seconds=2.1, speedup=2.5, reference="the eager bf16 baseline"
 CATEGORY_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#4c72b0",
                     "fused elementwise / quantization (triton)": "#55a868", "communication": "#8172b3",
                     "convolution": "#937860", "other": "#8c8c8c"}
-SAME = 0.01  # rungs within 1% of the row above count as no change
+SAME = 0.01  # rungs within 1% of their previous rung count as no change
 
 
 def runs(folder: str | Path) -> list[dict]:
@@ -53,7 +53,7 @@ def previous(configs: list[dict], config: dict) -> dict | None:
 def heading(run: dict) -> str:
     prov = run["provenance"]
     state = "" if run["complete"] else " · **incomplete run**: it stopped before its last configuration"
-    if run["world_size"] > 1 and prov.get("driver"):  # a GPU run
+    if run["world_size"] > 1 and prov.get("cuda"):  # a GPU run
         state = f" · GPU links: {prov.get('gpu_links') or 'not recorded'}" + state
     return (f"**{run['world_size']}x {run['device']}** · {run['model_source']} · {run['height']}x{run['width']}, "
             f"{run['steps']} steps · {run['scope']} · commit `{prov['git_commit'][:12]}` · {prov['date_utc']} "
@@ -84,8 +84,6 @@ def table(run: dict) -> Markdown:
 
 def show(run: dict) -> None:
     """The run's table, verdict and (where it was profiled) kernel-time plot, in the notebook."""
-    from IPython.display import display
-
     display(table(run), verdict(run))
     if any(c.get("profile") for c in run["configs"]):
         display(plot(run))
@@ -114,12 +112,10 @@ def plot(run: dict):
 
 def verdict(run: dict) -> Markdown:
     """The run against its targets, which rungs paid, and where the best configuration's time goes."""
-    configs = run["configs"]
-    target = TARGETS.get(run["world_size"])
+    configs, procs = run["configs"], run["world_size"]
+    target = TARGETS.get(procs)
     uncached = [c for c in configs if c.get("skipped_steps") is None]
-    procs = run["world_size"]
     best = min((c for c in uncached if c["processes"] == procs), key=lambda c: c["s_median"], default=None)
-    lines = []
     if best is None:
         return Markdown(f"No configuration over {procs} processes finished in this run.")
     if procs == 1:
@@ -127,8 +123,8 @@ def verdict(run: dict) -> Markdown:
     else:
         reference = min((c for c in uncached if c["processes"] == 1), key=lambda c: c["s_median"])
     speedup = reference["s_median"] / best["s_median"]
-    lines.append(f"Fastest here: **{best['label']}**, {best['s_median']:.3f} s per image (median), "
-                 f"{speedup:.2f}x {reference['label']} ({reference['s_median']:.3f} s) of the same run.")
+    lines = [f"Fastest here: **{best['label']}**, {best['s_median']:.3f} s per image (median), "
+             f"{speedup:.2f}x {reference['label']} ({reference['s_median']:.3f} s) of the same run."]
     if target:
         met = best["s_median"] <= target["seconds"] and speedup >= target["speedup"]
         where = "" if "H100" in run["device"] else f" (the targets are for H100; this run is on {run['device']})"

@@ -48,7 +48,7 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     check(cache, fp8, compile)
     done = applied(pipe)
     steps = (("attention", attention), ("fuse_qkv", fuse_qkv or None), ("parallel", parallel), ("cache", cache),
-             ("fp8", fp8), ("compile", compile))
+             ("fp8", fp8), ("compile", compile), ("channels_last_vae", channels_last_vae or None))
     for name, value in steps:
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
@@ -83,7 +83,7 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         else:
             transformer.compile(fullgraph=fullgraph, mode=compile_mode)
         done["compile"] = dict(scope=compile, mode=compile_mode or "default", fullgraph=fullgraph)
-    if channels_last_vae and "channels_last_vae" not in done:
+    if channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
         done["channels_last_vae"] = True
     return {k: v for k, v in done.items() if not k.startswith("_")}

@@ -53,6 +53,12 @@ def nvidia_driver() -> str | None:
     return out.splitlines()[0].strip() if out.strip() else None
 
 
+@functools.cache
+def gpu_topology() -> str:
+    """`nvidia-smi topo -m`'s matrix ('' where nvidia-smi is missing), read once per process."""
+    return _nvidia_smi("topo", "-m")
+
+
 def gpu_links(topology: str, count: int) -> str | None:
     """How GPUs 0..count-1 reach each other, from `nvidia-smi topo -m`'s matrix: e.g. 'NV18' (18 bonded NVLinks),
     'SYS' or 'PHB' (PCIe); None where the matrix is missing. Context parallelism's speed depends on it."""
@@ -70,7 +76,7 @@ def provenance(device: torch.device, world_size: int) -> dict:
         device_name, device_count = torch.cuda.get_device_name(device), torch.cuda.device_count()
         accel = dict(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=nvidia_driver())
         if world_size > 1:
-            accel["gpu_links"] = gpu_links(_nvidia_smi("topo", "-m"), world_size)
+            accel["gpu_links"] = gpu_links(gpu_topology(), world_size)
     else:
         device_name, device_count, accel = f"CPU ({platform.processor() or platform.machine()})", 0, {}
     return dict(git_commit=git_commit(), versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},

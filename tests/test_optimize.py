@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 import fluxlab
@@ -13,3 +14,5 @@ def test_channels_last_vae_decodes_the_same_image(tiny, tiny_pipe):
     image = np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16)
     assert np.abs(image - reference).max() <= 1
     assert describe(done) == "channels-last VAE"
+    with pytest.raises(ValueError, match="channels_last_vae was already applied"):
+        fluxlab.optimize(tiny_pipe, channels_last_vae=True)
