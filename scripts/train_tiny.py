@@ -9,11 +9,14 @@ encoders with offline tokenizers, the flow-matching scheduler), trained in three
      predict noise - x0), captions dropped 10% of the time so the model also learns the unconditional velocity;
   3. guidance distillation, as FLUX.1-dev was: the student, given a guidance scale g in [1, 5], learns the
      teacher's classifier-free-guided velocity v_u + g (v_c - v_u), so `guidance_scale` works without a second pass.
-`--scale` multiplies every phase's step count (e.g. 0.1 for a quick CPU try). Prints progress and loss; writes
-the pipeline with save_pretrained (safetensors) and training.json (steps, losses, times, device).
+With no options it repeats the shipped pipeline's run (3470 flow steps at batch 1024; 411 s on one H100).
+`--budget-s` picks the flow steps that fit that many seconds here instead; `--scale` multiplies every phase's step
+count (e.g. 0.01 for a quick CPU try). Prints progress and loss; writes the pipeline with save_pretrained
+(safetensors) and training.json (steps, losses, times, device).
 """
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from fluxlab import shapes
 from fluxlab.settings import TINY_DIR
@@ -44,9 +49,10 @@ TINY_CONFIGS = {
     "scheduler": dict(base_image_seq_len=64, base_shift=0.5, max_image_seq_len=1024, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
 }
-STEPS = dict(vae=600, flow=8000, distill=800)
-BANK = 65536  # pre-encoded training images (random placements of the training captions)
-BATCH = dict(vae=64, flow=256, distill=256)
+STEPS = dict(vae=600, flow=3470, distill=347)  # the shipped pipeline's run (--budget-s 360 on one H100)
+BANK = 131072  # pre-encoded training images (random placements of the training captions)
+BATCH = dict(vae=64, flow=1024, distill=1024)
+LR = dict(flow=1e-3, distill=4e-4)
 EMA_DECAY = 0.999  # the flow phase's weights are an exponential moving average (sharper samples than the last step)
 
 
@@ -121,7 +127,7 @@ class Bank:
                                        truncation=True, return_tensors="pt").input_ids.to(device)
 
     def sample(self, n, gen):
-        rows = torch.randint(len(self.latents), (n,), generator=gen).to(self.latents.device)
+        rows = torch.randint(len(self.latents), (n,), generator=gen, device=self.latents.device)
         return self.latents[rows], self.caption_index[rows]
 
 
@@ -138,10 +144,19 @@ def velocity(transformer, x_t, t, g, text, img_ids):
                        encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
 
 
-def noised(x0, gen, device):
-    """Rectified flow: t from a logit-normal (as SD3/FLUX), x_t = (1 - t) x0 + t noise."""
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(device)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
+def inference_shift(pipe, image_tokens: int) -> float:
+    """The timestep shift FluxPipeline applies at this many image tokens (sigma -> s sigma / (1 + (s-1) sigma))."""
+    c = pipe.scheduler.config
+    return math.exp(calculate_shift(image_tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                                    c.max_shift))
+
+
+def noised(x0, gen, shift: float):
+    """Rectified flow: t from a logit-normal (as SD3/FLUX), shifted towards noise as the sampler's steps are,
+    x_t = (1 - t) x0 + t noise."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen, device=x0.device))
+    t = shift * t / (1 + (shift - 1) * t)
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
     return t, noise, (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
 
 
@@ -161,45 +176,43 @@ def optimizer(params, lr, device):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
 
 
-def flow_step(pipe, bank, batch, gen, device):
-    x0, captions = bank.sample(batch, gen)
-    dropped = torch.rand(batch, generator=gen).to(device) < 0.1
-    captions = torch.where(dropped, bank.empty, captions)
-    t, noise, x_t = noised(x0, gen, device)
-    g = torch.ones(batch, device=device)
-    v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
+def flow_step(run, gen):
+    x0, captions = run.bank.sample(run.batch, gen)
+    dropped = torch.rand(run.batch, generator=gen, device=run.device) < 0.1
+    captions = torch.where(dropped, run.bank.empty, captions)
+    t, noise, x_t = noised(x0, gen, run.shift)
+    g = torch.ones(run.batch, device=run.device)
+    v = velocity(run.net, x_t, t, g, encode(run.pipe, run.bank, captions), run.bank.img_ids)
     return F.mse_loss(v, noise - x0)
 
 
-def steps_within(budget_s: float, pipe, bank, batch, device) -> tuple[int, float]:
-    """How many flow steps (plus a tenth as many distillation steps, ~2x the cost) fit `budget_s` here, timed on
-    a throwaway copy; the count goes into training.json, so `--flow-steps` reproduces the run."""
-    trial, gen = copy.deepcopy(pipe), torch.Generator().manual_seed(12345)
-    params = trainable(trial)
-    opt = optimizer(params, 1e-5, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def steps_within(budget_s: float, run) -> tuple[int, float]:
+    """How many flow steps (plus a tenth as many distillation steps, ~2x the cost) fit `budget_s` here, timed
+    with a zero learning rate (weights unchanged; it also compiles the step); the count goes into training.json,
+    so `--flow-steps` reproduces the run."""
+    params, gen = trainable(run.pipe), torch.Generator(run.device).manual_seed(12345)
+    opt = optimizer(params, 0.0, run.device)
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     for i in range(13):
-        if i == 3:  # after warm-up
+        if i == 3:  # after warm-up (and compilation)
             sync()
             start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        flow_step(trial, bank, batch, gen, device).backward()
+        flow_step(run, gen).backward()
         opt.step()
     sync()
     seconds = (time.perf_counter() - start) / 10
     return int(budget_s / (1.2 * seconds)), seconds
 
 
-def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
-    params = trainable(pipe)
+def train_flow(run, steps, gen) -> dict:
+    params = trainable(run.pipe)
     ema = [p.detach().clone() for p in params]
-    opt = optimizer(params, 5e-4, device)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    opt = optimizer(params, LR["flow"], run.device)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR["flow"], total_steps=steps, pct_start=0.05)
     progress = Progress("flow", steps)
-    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
-        m.train().requires_grad_(True)
     for i in range(steps):
-        loss = flow_step(pipe, bank, batch, gen, device)
+        loss = flow_step(run, gen)
         update(opt, sched, params, loss)
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(EMA_DECAY, (1 + i) / (10 + i)))
@@ -209,29 +222,51 @@ def train_flow(pipe, bank, steps, batch, gen, device) -> dict:
     return progress.summary()
 
 
-def distill_guidance(pipe, bank, steps, batch, gen, device) -> dict:
-    teacher = copy.deepcopy(pipe).to(device)
+def distill_guidance(run, steps, gen) -> dict:
+    teacher = copy.deepcopy(run.pipe)
     for m in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2):
         m.eval().requires_grad_(False)
-    params = trainable(pipe)
-    opt = optimizer(params, 2e-4, device)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-4, total_steps=steps, pct_start=0.05)
+    teacher_net = run.wrap(teacher.transformer)
+    params = trainable(run.pipe)
+    opt = optimizer(params, LR["distill"], run.device)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR["distill"], total_steps=steps, pct_start=0.05)
     progress = Progress("distill", steps)
+    bank, batch, device = run.bank, run.batch, run.device
     for i in range(steps):
         x0, captions = bank.sample(batch, gen)
         empty = torch.full_like(captions, bank.empty)
-        t, noise, x_t = noised(x0, gen, device)
-        g = (1 + 4 * torch.rand(batch, generator=gen)).to(device)
+        t, noise, x_t = noised(x0, gen, run.shift)
+        g = 1 + 4 * torch.rand(batch, generator=gen, device=device)
         with torch.no_grad():
             ones = torch.ones(batch, device=device)
-            v_c = velocity(teacher.transformer, x_t, t, ones, encode(teacher, bank, captions), bank.img_ids)
-            v_u = velocity(teacher.transformer, x_t, t, ones, encode(teacher, bank, empty), bank.img_ids)
+            v_c = velocity(teacher_net, x_t, t, ones, encode(teacher, bank, captions), bank.img_ids)
+            v_u = velocity(teacher_net, x_t, t, ones, encode(teacher, bank, empty), bank.img_ids)
             target = v_u + g[:, None, None] * (v_c - v_u)
-        v = velocity(pipe.transformer, x_t, t, g, encode(pipe, bank, captions), bank.img_ids)
+        v = velocity(run.net, x_t, t, g, encode(run.pipe, bank, captions), bank.img_ids)
         loss = F.mse_loss(v, target)
         update(opt, sched, params, loss)
         progress.step(i, loss)
     return progress.summary()
+
+
+@dataclasses.dataclass
+class Run:
+    """What the flow and distillation phases share: the pipeline, its training bank, and the transformer to call
+    (compiled on CUDA: the tiny model's step is launch-bound, and inductor's fused kernels cut the launches)."""
+
+    pipe: object
+    bank: Bank
+    batch: int
+    device: torch.device
+    shift: float
+    compile: bool
+    net: object = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.net = self.wrap(self.pipe.transformer)
+
+    def wrap(self, transformer):
+        return torch.compile(transformer) if self.compile else transformer
 
 
 def main():
@@ -242,9 +277,12 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
     parser.add_argument("--flow-steps", type=int, help="flow steps (distillation gets a tenth as many)")
     parser.add_argument("--budget-s", type=float, help="choose the flow steps that fit this many seconds here")
+    parser.add_argument("--batch", type=int, default=BATCH["flow"], help="flow and distillation batch")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the transformer's training step (default: on CUDA only)")
     args = parser.parse_args()
-    if args.scale <= 0 or (args.flow_steps or 1) <= 0 or (args.budget_s or 1) <= 0:
-        raise SystemExit("error: --scale, --flow-steps and --budget-s must be > 0")
+    if args.scale <= 0 or (args.flow_steps or 1) <= 0 or (args.budget_s or 1) <= 0 or args.batch <= 0:
+        raise SystemExit("error: --scale, --flow-steps, --budget-s and --batch must be > 0")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     gen = torch.Generator().manual_seed(args.seed)
@@ -255,18 +293,26 @@ def main():
     print(f"training on {device}: {len(train)} captions ({len(held_out)} held out)", flush=True)
     pipe = build_pipeline(TINY_CONFIGS, device, torch.float32, seed=args.seed)
     start = time.perf_counter()
+    batch = dict(BATCH, flow=args.batch, distill=args.batch)
+    compiled = device.type == "cuda" if args.compile is None else args.compile
     log = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", seed=args.seed,
-               steps=steps, batch=BATCH, resolution=RESOLUTION, max_sequence_length=MAX_SEQUENCE_LENGTH,
-               torch=torch.__version__)
+               steps=steps, batch=batch, lr=LR, compile=compiled, resolution=RESOLUTION,
+               max_sequence_length=MAX_SEQUENCE_LENGTH, torch=torch.__version__)
     log["vae"] = train_vae(pipe.vae, train, steps["vae"], BATCH["vae"], gen, device)
     bank = Bank(pipe, train, max(64, int(BANK * min(1.0, args.scale))), gen, device)
+    run = Run(pipe, bank, args.batch, device, inference_shift(pipe, bank.latents.shape[1]), compiled)
+    log["timestep_shift"] = round(run.shift, 4)
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
+        m.train().requires_grad_(True)
     if args.budget_s:
-        flow, seconds = steps_within(args.budget_s, pipe, bank, BATCH["flow"], device)
+        flow, seconds = steps_within(args.budget_s, run)
         steps.update(flow=flow, distill=max(1, flow // 10))
         log["budget"] = dict(seconds=args.budget_s, flow_step_s=round(seconds, 4))
+        print(f"flow step {seconds * 1e3:.1f} ms (batch {args.batch})", flush=True)
     print(f"steps {steps}", flush=True)
-    log["flow"] = train_flow(pipe, bank, steps["flow"], BATCH["flow"], gen, device)
-    log["distill"] = distill_guidance(pipe, bank, steps["distill"], BATCH["distill"], gen, device)
+    gen = torch.Generator(device).manual_seed(args.seed)  # noise drawn where it is used, not copied over
+    log["flow"] = train_flow(run, steps["flow"], gen)
+    log["distill"] = distill_guidance(run, steps["distill"], gen)
     log["total_seconds"] = round(time.perf_counter() - start, 1)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
