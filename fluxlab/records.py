@@ -1,6 +1,7 @@
 """Result records: one JSON file per measured configuration, with the provenance of the run that wrote it."""
 import datetime
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -10,6 +11,8 @@ import uuid
 from pathlib import Path
 
 import torch
+
+from .settings import TINY_DIR
 
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "accelerate", "safetensors", "fluxlab")
 PROVENANCE_KEYS = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
@@ -69,6 +72,23 @@ def gpu_links(topology: str, count: int) -> str | None:
         if cells and line.startswith("GPU") and cells[0] in names:  # the header row starts with a tab
             links.update(c for c in cells[1:1 + count] if c != "X")
     return ", ".join(sorted(links)) or None
+
+
+@functools.cache
+def tiny_weights() -> str:
+    """SHA-256 (first 12 hex digits) of the bundled tiny pipeline's weight files: which training a tiny record used,
+    since `model_source` alone stays 'tiny' across retrainings."""
+    digest = hashlib.sha256()
+    for path in sorted(TINY_DIR.rglob("*.safetensors")):
+        digest.update(path.relative_to(TINY_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def model_weights(source) -> str | None:
+    """The weights fingerprint a record of `source` carries: the tiny pipeline's (other sources are named by their
+    hub id or folder, and hashing FLUX.1-dev's 30 GB per record is not worth it)."""
+    return tiny_weights() if source.kind == "tiny" else None
 
 
 def provenance(device: torch.device, world_size: int) -> dict:

@@ -9,6 +9,8 @@ from IPython.display import Markdown
 from PIL import Image, ImageDraw
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from . import records as _records
+
 RANDOM_NOTE = ("`flux-dev-random` has FLUX.1-dev's architecture with random weights: its timings are the real "
                "model's cost, but its images are noise and its cache hit rates say nothing about the real model.")
 
@@ -37,6 +39,18 @@ def same_run(a: dict, b: dict) -> bool:
             and a["model_source"] == b["model_source"] and all(a["settings"][k] == b["settings"][k] for k in keys))
 
 
+EARLIER_TINY = "tiny (earlier training)"
+EARLIER_TINY_NOTE = (f"{EARLIER_TINY}: made with a tiny pipeline trained before the one now bundled (its weights "
+                     "fingerprint differs or predates fingerprints); its images and adherence are that model's.")
+
+
+def source(rec: dict) -> str:
+    """The record's model source; a tiny record made with other weights than the bundled ones says so."""
+    if rec["model_source"] == "tiny" and rec.get("model_weights") != _records.tiny_weights():
+        return EARLIER_TINY
+    return rec["model_source"]
+
+
 def _fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 
@@ -51,7 +65,7 @@ def rows(records: list[dict], folder: str | Path, baselines: list[dict]) -> list
         cache = rec.get("cache")
         out.append(dict(
             configuration=f"{rec['label']} ({rec['dtype']})", processes=rec["provenance"]["world_size"],
-            device=rec["provenance"]["device_name"], source=rec["model_source"],
+            device=rec["provenance"]["device_name"], source=source(rec),
             min_s=rec["timing"]["min_s"], median_s=rec["timing"]["median_s"],
             speedup=match["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
             skipped=f"{cache['skipped']}/{cache['steps']}" if cache else None,
@@ -92,6 +106,8 @@ def table(records: list[dict], folder: str | Path, baseline: dict | None = None)
         notes.append(ADHERENCE_NOTE)
     if any(r["random_weights"] for r in records):
         notes.append(RANDOM_NOTE)
+    if any(r["source"] == EARLIER_TINY for r in computed):
+        notes.append(EARLIER_TINY_NOTE)
     notes.append("Speedups and quality are measured against the baseline of the same run; timings are the median "
                  "and minimum of repeated calls after a separate warm-up.")
     return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))
@@ -115,7 +131,7 @@ def step_cost_table(records: list[dict]) -> Markdown:
         full_ms = float(np.median(full)) * 1e3 if full else None
         skip_ms = float(np.median(skip)) * 1e3 if skip else None
         ratio = f"{skip_ms / full_ms:.1%}" if full_ms and skip_ms else "—"
-        body += (f"| {rec['label']} | {rec['model_source']} | {rec['provenance']['device_name']} | {len(skip)}/{len(full) + len(skip)} "
+        body += (f"| {rec['label']} | {source(rec)} | {rec['provenance']['device_name']} | {len(skip)}/{len(full) + len(skip)} "
                  f"| {rec['timing']['median_s']:.3f} | {_fmt(full_ms, '.1f')} | {_fmt(skip_ms, '.1f')} | {ratio} |\n")
     note = ("Step costs: each denoising step (transformer call) of one extra call after the timed ones, timed on the "
             "device; a skipped step still runs the first block and the cache's decision.")
@@ -146,12 +162,12 @@ def serving_table(one_shot: dict, served: dict) -> Markdown:
     t = served["timing"]
     head = "| Measured | Processes | Device | Model source | Seconds |\n|---|---|---|---|---|\n"
     prov = served["provenance"]
-    where = f"{prov['world_size']} | {prov['device_name']} | {served['model_source']}"
+    where = f"{prov['world_size']} | {prov['device_name']} | {source(served)}"
     body = (f"| One-shot job: start the processes, load, quantize, compile, first image | {where} "
             f"| {t['cold_start_s']:.1f} |\n"
             f"| First image of this chapter's torchrun job, after its load (`{one_shot['label']}`) "
             f"| {one_shot['provenance']['world_size']} | {one_shot['provenance']['device_name']} "
-            f"| {one_shot['model_source']} | {one_shot['timing']['cold_start_s']:.1f} |\n"
+            f"| {source(one_shot)} | {one_shot['timing']['cold_start_s']:.1f} |\n"
             f"| Pool, per request after warm-up (median; min {t['min_s']:.3f}) | {where} | {t['median_s']:.3f} |\n")
     note = (f"A warm pool answers in {t['median_s']:.3f} s what a one-shot job answers in {t['cold_start_s']:.1f} s: "
             f"{t['cold_start_s'] / t['median_s']:.0f}x. Both measured in this run; torchrun's own start is not included.")
@@ -189,7 +205,7 @@ def grid(images: list[Image.Image], captions: list[str], columns: int = 4, size:
 
 
 def record_grid(records: list[dict], folder: str | Path, columns: int = 4, size: int = 192) -> Image.Image:
-    captions = [f"{r['label'][:30]}\n{r['model_source']}, {_fmt(r['timing']['median_s'], '.3f')} s" for r in records]
+    captions = [f"{r['label'][:30]}\n{source(r)}, {_fmt(r['timing']['median_s'], '.3f')} s" for r in records]
     return grid([image(r, folder) for r in records], captions, columns, size)
 
 
@@ -208,7 +224,7 @@ def threshold_explorer(records: list[dict], folder: str | Path, live: bool):
         with out:
             cache = rec.get("cache")
             skipped = f"{cache['skipped']}/{cache['steps']} steps skipped" if cache else "no cache"
-            print(f"{rec['label']}: {rec['timing']['median_s']:.3f} s/image, {skipped} ({rec['model_source']})")
+            print(f"{rec['label']}: {rec['timing']['median_s']:.3f} s/image, {skipped} ({source(rec)})")
             display(image(rec, folder).resize((384, 384)))
 
     slider = widgets.SelectionSlider(options=options, description="threshold")
@@ -229,8 +245,14 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
         rec = by_chapter.get(ch["name"])
         prov = rec["provenance"] if rec else {}
         lines.append(f"| {ch['name']} | {ch['status']} | {_fmt(ch.get('duration_s'), '.0f')} | {ch.get('processes', 1)} "
-                     f"| {prov.get('device_name', '—')} | {rec['model_source'] if rec else '—'} "
+                     f"| {prov.get('device_name', '—')} | {source(rec) if rec else '—'} "
                      f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
+    stale = {}
+    for rec in records:
+        if source(rec) == EARLIER_TINY:
+            stale[rec["chapter"]] = stale.get(rec["chapter"], 0) + 1
+    lines += [f"\n*{chapter}: {n} `tiny` record(s) were made with a tiny pipeline trained before the one now bundled; "
+              "re-run the chapter to refresh them.*" for chapter, n in stale.items()]
     if records:
         prov = records[-1]["provenance"]
         lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
@@ -281,4 +303,6 @@ def conclusion_table(entries: list[dict], folder: str | Path) -> Markdown:
         notes.append(RANDOM_NOTE)
     if scored:
         notes.append(ADHERENCE_NOTE)
+    if any(source(r) == EARLIER_TINY for r in measured):
+        notes.append(EARLIER_TINY_NOTE)
     return Markdown(head + body + "\n" + "\n\n".join(f"*{n}*" for n in notes))

@@ -108,6 +108,7 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
         chapter=chapter,
         label=label or describe(done, dist.world_size),
         model_source=settings.source.label,
+        model_weights=records.model_weights(settings.source),
         dtype=str(pipe.transformer.dtype).removeprefix("torch."),
         random_weights=settings.source.is_random,
         settings=settings.as_dict(),
@@ -158,7 +159,8 @@ def measure_pool(pool, settings: Settings, *, name: str, chapter: str, output_di
     label = "serving pool: " + (", ".join(f"{k} {v}" for k, v in optimizations.items()) or "no optimizations")
     record = dict(
         name=name, chapter=chapter, label=f"{label}, {pool.world_size} process(es)",
-        model_source=settings.source.label, dtype=str(default_dtype(settings.device)).removeprefix("torch."),
+        model_source=settings.source.label, model_weights=records.model_weights(settings.source),
+        dtype=str(default_dtype(settings.device)).removeprefix("torch."),
         random_weights=settings.source.is_random, settings=settings.as_dict(), optimizations=optimizations,
         timing=_timing([pool.start_s], times, first_image_in_worker_s=pool.warmup_s),
         cache=None, peak_mem_gb=None, image=f"{chapter}--{name}.png",

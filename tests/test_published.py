@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from PIL import Image
 
-from fluxlab import records
+from fluxlab import records, report
 
 from conftest import ROOT
 
@@ -64,6 +64,14 @@ def test_rendered_conclusion_shows_the_numbers(built):
     assert re.search(r"<td><p>Baseline</p></td>(.|\n)*?<td><p>\d+\.\d{3}</p></td>", table)
     assert "NVIDIA H" in table and "flux-dev-random" in table and "not run" in table
     assert "random weights" in html
+
+
+def test_status_page_flags_tiny_records_of_an_earlier_training(built):
+    """Chapter 2's tiny sweep ran on H100 with the tiny pipeline of its day; the page says so, from the records."""
+    stale = [r for r in records.load(PUBLISHED / "results") if report.source(r) == report.EARLIER_TINY]
+    html = (built / "book" / "published" / "status.html").read_text()
+    for chapter in {r["chapter"] for r in stale}:
+        assert re.search(chapter + r": \d+ <code[^>]*><span[^>]*>tiny</span></code> record\(s\) were made", html)
 
 
 def test_rendered_performance_page_shows_the_h100_ladder(built):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -17,6 +18,17 @@ def test_measure_writes_a_record_with_provenance(tmp_path, tiny, tiny_pipe):
     assert len(prov["git_commit"]) >= 7
     assert on_disk["model_source"] == "tiny" and on_disk["settings"]["steps"] == 8
     assert (tmp_path / "t--baseline.png").is_file()
+
+
+def test_tiny_records_name_their_weights(tmp_path, tiny, tiny_pipe):
+    rec = fluxlab.measure(tiny_pipe, tiny, name="baseline", chapter="t", output_dir=tmp_path, repeats=1)
+    assert re.fullmatch(r"[0-9a-f]{12}", rec["model_weights"]) and rec["model_weights"] == records.tiny_weights()
+    assert fluxlab.report.source(rec) == "tiny"
+    older = dict(rec, model_weights="0123456789ab")
+    assert fluxlab.report.source(older) == fluxlab.report.source({k: v for k, v in rec.items() if k != "model_weights"})
+    assert fluxlab.report.source(older) == "tiny (earlier training)"
+    page = fluxlab.report.status_page([older], [dict(name="t", status="ok", duration_s=1.0)], "Status")
+    assert "t: 1 `tiny` record(s) were made with a tiny pipeline trained before the one now bundled" in page
 
 
 def test_records_never_hold_a_token(tmp_path, tiny, tiny_pipe, monkeypatch):
