@@ -1,5 +1,6 @@
 """Tables, plots, image grids and quality figures, all built from result records."""
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -247,10 +248,7 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
         lines.append(f"| {ch['name']} | {ch['status']} | {_fmt(ch.get('duration_s'), '.0f')} | {ch.get('processes', 1)} "
                      f"| {prov.get('device_name', '—')} | {source(rec) if rec else '—'} "
                      f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
-    stale = {}
-    for rec in records:
-        if source(rec) == EARLIER_TINY:
-            stale[rec["chapter"]] = stale.get(rec["chapter"], 0) + 1
+    stale = Counter(rec["chapter"] for rec in records if source(rec) == EARLIER_TINY)
     lines += [f"\n*{chapter}: {n} `tiny` record(s) were made with a tiny pipeline trained before the one now bundled; "
               "re-run the chapter to refresh them.*" for chapter, n in stale.items()]
     if records:
