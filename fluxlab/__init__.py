@@ -1,10 +1,11 @@
-"""fluxlab: the helpers behind the book's chapters (load, optimize, measure, report)."""
+"""fluxlab: the lab around the book's chapters (settings, model sources, measuring, records, tables, figures) and the
+book's own contributions (one First Block Cache decision for every rank, CUDA graphs beneath diffusers' hooks)."""
 import logging
 import os
 import warnings
 
 # Import-time noise of the stack that says nothing about a run (torchao's optional CUDA extensions, pytree
-# registrations, torchvision-less image processors, progress bars).
+# registrations, torchvision-less image processors, hub progress bars).
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -13,16 +14,15 @@ for _name in ("torch.utils._pytree", "torchao"):
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 
-import diffusers  # noqa: E402
-
-diffusers.utils.logging.disable_progress_bar()
-
-from . import ladder, parallel, records, report, serve  # noqa: E402
-from .optimize import applied, cache_stats, clear_cache, optimize
+from . import book, cache, compare, figures, graphs, ladder, parallel, profiling, quant, records, report, shapes  # noqa: E402
+from .applied import applied, describe  # noqa: E402
+from .measuring import measure, step_costs, vae_decode_seconds  # noqa: E402
 from .optimize import check as check_options  # noqa: E402
-from .settings import Settings, settings  # noqa: E402
-from .sources import ModelUnavailable, free_memory, load  # noqa: E402
-from .timing import generate, measure, measure_pool  # noqa: E402
+from .optimize import optimize  # noqa: E402
+from .pipeline import ModelUnavailable, free_memory, generate, load_pipeline  # noqa: E402
+from .settings import Limits, Settings  # noqa: E402
+from .settings import check as check_settings  # noqa: E402
 
-__all__ = ["ModelUnavailable", "Settings", "applied", "cache_stats", "check_options", "clear_cache", "generate", "load", "measure", "ladder", "optimize",
-           "parallel", "records", "report", "settings"]
+__all__ = ["Limits", "ModelUnavailable", "Settings", "applied", "book", "cache", "check_options", "check_settings", "compare",
+           "describe", "figures", "free_memory", "generate", "graphs", "ladder", "load_pipeline", "measure", "optimize",
+           "parallel", "profiling", "quant", "records", "report", "shapes", "step_costs", "vae_decode_seconds"]

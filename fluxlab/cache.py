@@ -1,9 +1,10 @@
-"""First Block Cache on diffusers' hooks, with per-step statistics and one decision shared by all ranks.
+"""First Block Cache, the way diffusers ships it, with one decision for every rank and a record of each step.
 
-diffusers decides from each process's own tensors and exposes no hit counter. We replace the leader hook's
-decision with the same statistic (relative mean absolute difference of the first block's residual) summed
-over every rank, so context-parallel ranks skip the same steps (as shipped they disagree and deadlock), and
-we record each step's value and decision.
+diffusers decides from each process's own tensors: under context parallelism each rank holds a slice of the
+sequence, the ranks' decisions differ, one rank runs the remaining blocks (and their collectives) while another
+skips them, and the job hangs. `share_decision` keeps diffusers' statistic (the relative mean absolute difference
+of the first block's residual from the previous step's) but sums its two parts over every rank first, so every
+rank takes the same decision; it also records each step's value and decision (diffusers exposes no hit counter).
 """
 import dataclasses
 
@@ -35,19 +36,29 @@ class CacheStats:
                     diffs=[None if d is None else round(d, 6) for _, d, _ in steps])
 
 
-def _global_relative_difference(residual: torch.Tensor, previous: torch.Tensor) -> float:
+def leader_hook(transformer):
+    """diffusers' hook on the first block, which decides whether the remaining blocks run (None if no cache)."""
+    registry = getattr(transformer.transformer_blocks[0], "_diffusers_hook", None)
+    return registry.get_hook(LEADER_HOOK) if registry else None
+
+
+def global_relative_difference(residual, previous) -> float:
+    """sum|residual - previous| / sum|previous| over the whole sequence: each rank's
+    two sums, added over every rank first."""
     sums = torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).float()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
 
 
-def enable_first_block_cache(transformer, threshold: float) -> CacheStats:
-    """Turn on First Block Cache at `threshold`; returns the statistics object it fills."""
-    threshold = check_threshold(threshold)
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    hook = transformer.transformer_blocks[0]._diffusers_hook.get_hook(LEADER_HOOK)
-    stats = CacheStats(threshold)
+def share_decision(transformer) -> CacheStats:
+    """Make First Block Cache's decision from the whole sequence (the same on every
+    rank) and record each step's relative change and decision."""
+    hook = leader_hook(transformer)
+    if hook is None:
+        raise ValueError("First Block Cache is not enabled: call transformer."
+                         "enable_cache(FirstBlockCacheConfig(...)) first.")
+    stats = CacheStats(hook.threshold)
 
     @torch.compiler.disable
     def should_compute(residual: torch.Tensor) -> bool:
@@ -56,10 +67,23 @@ def enable_first_block_cache(transformer, threshold: float) -> CacheStats:
             stats.runs.append([])
             diff, compute = None, True
         else:
-            diff = _global_relative_difference(residual, previous)
-            compute = diff > threshold
+            diff = global_relative_difference(residual, previous)
+            compute = diff > hook.threshold
         stats.runs[-1].append((len(stats.runs[-1]), diff, compute))
         return compute
 
     hook._should_compute_remaining_blocks = should_compute
+    hook._fluxlab_stats = stats
     return stats
+
+
+def enable(transformer, threshold: float) -> CacheStats:
+    """diffusers' First Block Cache at `threshold`, with the shared, recorded decision."""
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=check_threshold(threshold)))
+    return share_decision(transformer)
+
+
+def stats(transformer) -> CacheStats | None:
+    """The recorded decisions, where the cache is on and `share_decision` was applied."""
+    hook = leader_hook(transformer)
+    return getattr(hook, "_fluxlab_stats", None)

@@ -1,156 +1,202 @@
-"""The optimization ladder from scripts/bench.py's records: tables, where the GPU time goes, and the targets."""
-import json
+"""The optimization ladder from `scripts/bench.py`'s records: tables, where the GPU time goes, and a verdict against
+targets the page states."""
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from IPython.display import Markdown, display
+from IPython.display import Markdown
 
-# The targets we hold the full-size model to (1024x1024, 28 steps, end to end, no cache), per process count:
-# seconds per image, and speedup over the reference configuration of the same run.
-TARGETS = {1: dict(seconds=2.1, speedup=2.5, reference="the eager bf16 baseline"),
-           2: dict(seconds=1.2, speedup=1.7, reference="the best one-process configuration")}
-CATEGORY_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#4c72b0",
-                    "fused elementwise / quantization (triton)": "#55a868", "communication": "#8172b3",
-                    "convolution": "#937860", "other": "#8c8c8c"}
+from . import records
+
+KIND_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#4c72b0",
+                "fused elementwise / quantization (triton)": "#55a868", "communication": "#8172b3",
+                "convolution": "#937860", "other": "#8c8c8c"}
 SAME = 0.01  # rungs within 1% of their previous rung count as no change
 
 
 def runs(folder: str | Path) -> list[dict]:
-    """Every benchmark record in `folder`, fewest processes first. `complete` is False for a progress file
-    (bench-<N>gpu.partial.json), which a run leaves when it stops before its last configuration."""
+    """Every benchmark file in `folder` as {"path", "complete", "world_size", "records"}, fewest processes first.
+    `complete` is False for a progress file (bench-<N>gpu.partial.json) of a run that stopped early."""
     found = []
     for path in sorted(Path(folder).glob("bench-*gpu*.json")):
-        run = json.loads(path.read_text())
-        run["complete"], run["_path"] = not path.name.endswith(".partial.json"), path.name
-        for config in run["configs"]:
-            _drop_annotations(config.get("profile"))
-        found.append(run)
+        recs = records.read(path)
+        found.append(dict(path=path.name, complete=not path.name.endswith(".partial.json"), records=recs,
+                          world_size=max(r["processes"] for r in recs)))
     return sorted(found, key=lambda r: (r["world_size"], not r["complete"]))
 
 
-def _drop_annotations(profile: dict | None) -> None:
-    """Profiles written before bench skipped them count NCCL's GPU-side range ("nccl:all_to_all") as well as the
-    kernel it covers: take it out once."""
-    if not profile:
-        return
-    twice = sum(v for k, v in profile.get("top_kernels_s", {}).items() if k.startswith("nccl:"))
-    if twice:
-        profile["by_category_s"]["communication"] = round(profile["by_category_s"]["communication"] - twice, 4)
-        profile["kernel_s"] = round(profile["kernel_s"] - twice, 4)
-        profile["top_kernels_s"] = {k: v for k, v in profile["top_kernels_s"].items() if not k.startswith("nccl:")}
-
-
-def previous(configs: list[dict], config: dict) -> dict | None:
-    """The rung `config` adds to: for a context-parallel configuration, the one-process configuration with the same
-    other optimizations; else the row above."""
-    if "parallel" in config["optimizations"]:
-        rest = {k: v for k, v in config["optimizations"].items() if k != "parallel"}
-        return next((c for c in configs if c["processes"] == 1 and c["optimizations"] == rest), None)
-    i = configs.index(config)
-    return configs[i - 1] if i else None
+def previous(recs: list[dict], rec: dict) -> dict | None:
+    """The rung `rec` adds to: for a context-parallel record, the one-process record with the same other
+    optimizations; else the row above."""
+    if "parallel" in rec["optimizations"]:
+        rest = {k: v for k, v in rec["optimizations"].items() if k != "parallel"}
+        return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
+    i = recs.index(rec)
+    return recs[i - 1] if i else None
 
 
 def heading(run: dict) -> str:
-    prov = run["provenance"]
+    first = run["records"][-1]
+    prov = first["provenance"]
     state = "" if run["complete"] else " · **incomplete run**: it stopped before its last configuration"
-    if run["world_size"] > 1 and prov.get("cuda"):  # a GPU run
-        state = f" · GPU links: {prov.get('gpu_links') or 'not recorded'}" + state
-    return (f"**{run['world_size']}x {run['device']}** · {run['model_source']} · {run['height']}x{run['width']}, "
-            f"{run['steps']} steps · {run['scope']} · commit `{prov['git_commit'][:12]}` · {prov['date_utc']} "
-            f"· `{run['_path']}`{state}")
+    links = f" · GPU links: {prov.get('gpu_links') or 'not recorded'}" if run["world_size"] > 1 and prov.get("cuda") else ""
+    return (f"**{run['world_size']}x {prov['device_name']}** · {first['model_source']} · "
+            f"{first['settings']['height']}x{first['settings']['width']}, {first['settings']['steps']} steps · "
+            f"commit `{prov['git_commit'][:12]}` · {prov['date_utc']} · `{run['path']}`{links}{state}")
 
 
 def table(run: dict) -> Markdown:
-    """One row per configuration: s/image, speedup over the run's baseline and over the row above (what that
-    rung adds), cold start, peak memory and the final latents' distance from the baseline's."""
-    cached = any(c.get("skipped_steps") is not None for c in run["configs"])
-    head = ("| Configuration | Processes | s/image (median) | s/image (min) | vs baseline | vs previous rung "
-            "| Cold start (s) | Peak GPU memory (GB) | Latents rel. error |" + (" Skipped steps |" if cached else "")
-            + "\n" + "|---" * (9 + cached) + "|\n")
-    body = ""
-    for c in run["configs"]:
-        before = previous(run["configs"], c)
-        step = "—" if before is None else f"{before['s_median'] / c['s_median']:.2f}x"
-        body += (f"| {c['label']} (`{c['name']}`) | {c['processes']} | {c['s_median']:.3f} | {c['s_min']:.3f} "
-                 f"| {c['ratio_vs_baseline']:.2f}x | {step} | {c['cold_start_s']:.1f} | {c['peak_mem_gb'] or 0:.1f} "
-                 f"| {c['latents_rel_error']:.1e} |" + (f" {c.get('skipped_steps', '—')} |" if cached else "") + "\n")
-    note = ("Each configuration loads a fresh pipeline, makes one untimed call (the cold start, compilation "
-            "included) and then the timed calls; ratios are between configurations of this one run. The previous rung is "
-            "the row above; for a context-parallel row, the same optimizations in one process. Latents rel. "
-            "error: distance of the final latents from the baseline's, relative to their norm (random weights: a "
-            "numerics figure, not image quality).")
-    return Markdown(heading(run) + "\n\n" + head + body + f"\n*{note}*")
-
-
-def show(run: dict) -> None:
-    """The run's table, verdict and (where it was profiled) kernel-time plot, in the notebook."""
-    display(table(run), verdict(run))
-    if any(c.get("profile") for c in run["configs"]):
-        display(plot(run))
-        plt.close("all")
+    """One row per configuration: s/image, against the run's first configuration and against the rung it adds
+    to, cold start, peak memory, and the final latents' distance from the same precision's reference."""
+    recs = run["records"]
+    ref = recs[0]["timing"]["median_s"]
+    lines = [f"| Configuration | Procs | s/image | vs `{recs[0]['name']}` | vs previous rung | Cold start (s) "
+             "| Peak GB | Latents error |", "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        t, before = r["timing"], previous(recs, r)
+        step = "—" if before is None else f"{before['timing']['median_s'] / t['median_s']:.2f}x"
+        error = r["extras"].get("latents_rel_error")
+        skipped = f", {r['cache']['skipped']}/{r['cache']['steps']} skipped" if r["cache"] else ""
+        lines.append(f"| `{r['name']}`: {r['label']}{skipped} | {r['processes']} | {t['median_s']:.3f} "
+                     f"({t['min_s']:.3f}) | {ref / t['median_s']:.2f}x | {step} | {t['cold_start_s']:.1f} "
+                     f"| {r['peak_mem_gb'] or 0:.1f} | {'—' if error is None else format(error, '.1e')} |")
+    note = ("s/image: median (minimum) of the timed calls, text encoding + denoising + VAE decode. Each configuration "
+            "loads a fresh pipeline and makes one untimed call first (its cold start, compilation included). "
+            "Latents error: distance of the final latents from the first configuration of the same precision in "
+            "this run, relative to their norm (random weights: a numerics figure, not image quality).")
+    return Markdown(heading(run) + "\n\n" + "\n".join(lines)
+                    + f"\n\n<details><summary>About this table</summary>\n\n{note}\n\n</details>")
 
 
 def plot(run: dict):
-    """Per configuration, the GPU kernel time of one image by kind (process 0's), with the wall time marked."""
-    configs = [c for c in run["configs"] if c.get("profile")]
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(configs) + 1.6))
-    names = [c["name"] for c in configs]
-    left = [0.0] * len(configs)
-    for category, colour in CATEGORY_COLOURS.items():
-        widths = [c["profile"]["by_category_s"].get(category, 0.0) for c in configs]
+    """Per configuration, process 0's GPU kernel time of one image by kind, with the wall time marked."""
+    recs = [r for r in run["records"] if r["extras"].get("profile")]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(recs) + 1.6))
+    names = [r["name"] for r in recs]
+    left = [0.0] * len(recs)
+    for kind, colour in KIND_COLOURS.items():
+        widths = [r["extras"]["profile"][0]["kernel_s_by_kind"].get(kind, 0.0) for r in recs]
         if any(widths):
-            ax.barh(names, widths, left=left, color=colour, label=category)
+            ax.barh(names, widths, left=left, color=colour, label=kind)
             left = [a + b for a, b in zip(left, widths)]
-    ax.plot([c["s_median"] for c in configs], names, "k|", markersize=16, label="wall time (median)")
+    ax.plot([r["timing"]["median_s"] for r in recs], names, "k|", markersize=16, label="wall time (median)")
     ax.invert_yaxis()
-    ax.set_xlabel("seconds per image")
-    ax.set_title(f"{run['world_size']}x {run['device']}: GPU kernel time by kind (process 0)", fontsize=9)
+    ax.set_xlabel("seconds per image (kernel times summed by kind, process 0)")
+    ax.set_title(f"{run['world_size']}x {recs[0]['provenance']['device_name']}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
 
-def verdict(run: dict) -> Markdown:
-    """The run against its targets, which rungs paid, and where the best configuration's time goes."""
-    configs, procs = run["configs"], run["world_size"]
-    target = TARGETS.get(procs)
-    uncached = [c for c in configs if c.get("skipped_steps") is None]
-    best = min((c for c in uncached if c["processes"] == procs), key=lambda c: c["s_median"], default=None)
-    if best is None:
+def best(recs: list[dict], processes: int) -> dict | None:
+    """The fastest configuration without First Block Cache on `processes` processes."""
+    return min((r for r in recs if r["processes"] == processes and not r["cache"]),
+               key=lambda r: r["timing"]["median_s"], default=None)
+
+
+def verdict(run: dict, targets: dict) -> Markdown:
+    """The run against `targets` ({processes: {"seconds", "speedup"}}, speedup over the best one-process
+    configuration of the same run, or over the first configuration for one process), and where the best
+    configuration's time goes."""
+    recs = run["records"]
+    procs = run["world_size"]
+    top, one = best(recs, procs), best(recs, 1)
+    if top is None:
         return Markdown(f"No configuration over {procs} processes finished in this run.")
-    if procs == 1:
-        reference = configs[0]
-    else:
-        reference = min((c for c in uncached if c["processes"] == 1), key=lambda c: c["s_median"])
-    speedup = reference["s_median"] / best["s_median"]
-    lines = [f"Fastest here: **{best['label']}**, {best['s_median']:.3f} s per image (median), "
-             f"{speedup:.2f}x {reference['label']} ({reference['s_median']:.3f} s) of the same run."]
+    reference = recs[0] if procs == 1 else one
+    speedup = reference["timing"]["median_s"] / top["timing"]["median_s"]
+    lines = [f"Fastest without a cache here: **`{top['name']}`**, {top['timing']['median_s']:.3f} s per image, "
+             f"{speedup:.2f}x `{reference['name']}` ({reference['timing']['median_s']:.3f} s) of the same run."]
+    target = targets.get(procs)
     if target:
-        met = best["s_median"] <= target["seconds"] and speedup >= target["speedup"]
-        where = "" if "H100" in run["device"] else f" (the targets are for H100; this run is on {run['device']})"
-        lines.append(f"Target: <= {target['seconds']} s and >= {target['speedup']}x {target['reference']}: "
-                     f"**{'met' if met else 'not met'}**{where}.")
-    if procs > 1:
-        lines.append(f"For scale: {procs} processes that each did exactly 1/{procs} of {reference['label']}'s work "
-                     f"would take {reference['s_median'] / procs:.3f} s (arithmetic, not a measurement).")
+        met = top["timing"]["median_s"] <= target["seconds"] and speedup >= target["speedup"]
+        lines.append(f"Target: <= {target['seconds']} s and >= {target['speedup']}x: **{'met' if met else 'not met'}**.")
     kept, dropped = [], []
-    for c in configs:
-        before = previous(configs, c)
+    for r in recs:
+        before = previous(recs, r)
         if before is not None:
-            gain = before["s_median"] / c["s_median"] - 1
-            (kept if gain > SAME else dropped).append(f"`{c['name']}` ({gain:+.1%} vs `{before['name']}`)")
-    lines.append("Faster than the previous rung: " + (", ".join(kept) or "none") + ". Not faster (within "
+            gain = before["timing"]["median_s"] / r["timing"]["median_s"] - 1
+            (kept if gain > SAME else dropped).append(f"`{r['name']}` ({gain:+.1%} vs `{before['name']}`)")
+    lines.append("Faster than the rung below: " + (", ".join(kept) or "none") + ". Not faster (within "
                  f"{SAME:.0%} or slower): " + (", ".join(dropped) or "none") + ".")
-    profile = best.get("profile")
-    if profile:
-        cats = profile["by_category_s"]
-        parts = ", ".join(f"{k} {v:.3f} s" for k, v in cats.items())
-        lines.append(f"Where {best['name']}'s time goes (process 0, one image): {profile['kernel_s']:.3f} s of GPU "
-                     f"kernels ({parts}) in {best['s_median']:.3f} s of wall time.")
-        floor = sum(cats.get(k, 0.0) for k in ("FP8 GEMM", "GEMM (bf16)", "attention"))
-        if target and procs == 1:
-            lines.append(f"Its matrix multiplications and attention alone take {floor:.3f} s; to reach "
-                         f"{target['seconds']} s everything else (quantization, norms, activations, text encoders, "
-                         f"VAE, launch gaps) would have to fit in {max(0.0, target['seconds'] - floor):.3f} s, "
-                         f"against {best['s_median'] - floor:.3f} s measured.")
+    for i, p in enumerate(top["extras"].get("profile") or []):
+        lines.append(f"Process {i} of `{top['name']}`, one profiled image ({p['wall_s']:.3f} s under the profiler): "
+                     f"compute {p['compute_s']:.3f} s, communication {p['communication_s']:.3f} s of which "
+                     f"{p['exposed_communication_s']:.3f} s overlaps no compute, idle {p['idle_s']:.3f} s.")
+    traffic = top["extras"].get("all_to_all")
+    if traffic:
+        lines.append(f"A bare all-to-all of one Ulysses tensor ({traffic['bytes_per_process'] / 1e6:.1f} MB per "
+                     f"process) took {traffic['ms_median']:.3f} ms in this run ({traffic['sent_gb_s']:.0f} GB/s sent "
+                     f"per process): {traffic['per_image_s']:.3f} s for one image's 4 exchanges x "
+                     "blocks x steps if none overlapped compute.")
     return Markdown("\n\n".join(lines))
+
+
+def findings(runs_: list[dict]) -> str:
+    """What the profiles of these runs show, in sentences computed from their records: for each context-parallel
+    configuration measured with and without CUDA graphs, how its processes' idle and exposed communication time
+    changed; for each run's fastest configuration, what its GPU time is made of."""
+    lines = []
+    for run in runs_:
+        recs = {r["name"]: r for r in run["records"]}
+        where = f"{run['world_size']}x {run['records'][-1]['provenance']['device_name']}"
+        for name, rec in recs.items():
+            plain = recs.get(name.removesuffix("-graphs")) if name.endswith("-graphs") else None
+            if not plain or rec["processes"] < 2 or not (rec["extras"].get("profile") and plain["extras"].get("profile")):
+                continue
+            before = _extremes(plain["extras"]["profile"])
+            after = _extremes(rec["extras"]["profile"])
+            lines.append(
+                f"* {where}, `{plain['name']}` → `{name}`: {plain['timing']['median_s']:.3f} → "
+                f"{rec['timing']['median_s']:.3f} s per image. Without graphs the most idle process idled "
+                f"{before['idle_s']:.3f} s and the most waiting one spent {before['exposed_communication_s']:.3f} s "
+                f"in NCCL with no compute beside it; with graphs {after['idle_s']:.3f} s and "
+                f"{after['exposed_communication_s']:.3f} s, while compute stayed at {before['compute_s']:.3f} → "
+                f"{after['compute_s']:.3f} s.")
+        top = best(run["records"], run["world_size"])
+        vae = top and top["extras"].get("vae_decode_s")
+        if vae and run["world_size"] > 1:
+            lines.append(f"* {where}, `{top['name']}`: the VAE decodes the whole image on every process in {vae:.3f} s, "
+                         f"{vae / top['timing']['median_s']:.1%} of its {top['timing']['median_s']:.3f} s per image.")
+        profile = top and top["extras"].get("profile")
+        if profile:
+            kinds = ", ".join(f"{k} {v:.3f} s" for k, v in profile[0]["kernel_s_by_kind"].items())
+            lines.append(f"* {where}, fastest without a cache, `{top['name']}` ({top['timing']['median_s']:.3f} s): "
+                         f"process 0's kernels by kind: {kinds}.")
+    return "\n".join(lines) or "*No profiled benchmark records yet.*"
+
+
+def _extremes(profile: list[dict]) -> dict:
+    """The largest idle, exposed communication and compute over a configuration's processes."""
+    return {k: max(p[k] for p in profile) for k in ("idle_s", "exposed_communication_s", "compute_s")}
+
+
+CARDS_GB = (12, 16, 24, 48, 80)
+CONTEXT_GB = 1.0  # headroom for the CUDA context and libraries, outside PyTorch's allocator (an allowance)
+
+
+def memory_table(runs_: list[dict]) -> Markdown:
+    """For each card size, the fastest one-process configuration whose peak reserved memory (plus `CONTEXT_GB`)
+    fits; then every measured configuration's footprint."""
+    recs = [r for run in runs_ for r in run["records"] if r["processes"] == 1 and r["peak_mem_gb"] is not None]
+    if not recs:
+        return Markdown("*No benchmark record with GPU memory yet.*")
+
+    def footprint(r):
+        return r["extras"].get("peak_reserved_gb") or r["peak_mem_gb"]
+
+    lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) |", "|---|---|---|---|"]
+    for card in CARDS_GB:
+        fits = [r for r in recs if footprint(r) + CONTEXT_GB <= card and not r["cache"]]
+        best_fit = min(fits, key=lambda r: r["timing"]["median_s"], default=None)
+        lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
+                                          f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} |"
+                                          if best_fit else "nothing measured fits | — | — |"))
+    lines += ["", "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run |", "|---|---|---|---|---|"]
+    for r in sorted(recs, key=footprint):
+        lines.append(f"| `{r['name']}`: {r['label']} | {r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} "
+                     f"| {footprint(r):.1f} | `{Path(r['_path']).name}` |")
+    device = recs[0]["provenance"]["device_name"]
+    note = (f"Measured on {device} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the timed calls, "
+            f"as PyTorch's allocator saw it; a configuration fits a card when its peak reserved memory plus "
+            f"{CONTEXT_GB:g} GB for the CUDA context does. Times on a smaller card's own GPU differ from these.")
+    return Markdown("\n".join(lines) + f"\n\n*{note}*")

@@ -1,111 +1,94 @@
-"""Compose the article's techniques on a pipeline, in its order, and say what ran."""
+"""The article's techniques composed on one pipeline, in its order, with the same library calls the chapters make;
+the benchmark and the server use this, so they time the code the book teaches."""
 import torch
 
-from . import parallel as par
-from .cache import enable_first_block_cache
-from .quant import check_granularity, quantize_fp8
+from . import cache as first_block_cache
+from . import graphs as cuda_graphs
+from . import parallel as context_parallel
+from . import quant
+from .applied import applied
 from .settings import check_threshold
 
-COMPILE_MODES = ("regional", "full")
+COMPILE_SCOPES = ("regional", "full")
+OFFLOADS = ("model", "sequential")
 
 
-def applied(pipe) -> dict:
-    """What `optimize` has done to this pipeline so far (empty for a plain pipeline)."""
-    return pipe.__dict__.setdefault("_fluxlab_applied", {})
-
-
-def cache_stats(pipe):
-    return applied(pipe).get("_cache_stats")
-
-
-def clear_cache(pipe) -> None:
-    """Turn First Block Cache off again (to try another threshold on the same, uncompiled pipeline)."""
-    done = applied(pipe)
-    if "compile" in done:
-        raise ValueError("the transformer is compiled with the cache in its graph: load a fresh pipeline instead.")
-    if done.pop("cache", None) is not None:
-        done.pop("_cache_stats")
-        pipe.transformer.disable_cache()
-
-
-def check(cache=None, fp8=None, compile=None) -> None:
+def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None) -> None:
     """Validate optimize's arguments without touching a model."""
     if cache is not None:
         check_threshold(cache)
     if fp8 is not None:
-        check_granularity(fp8)
-    if compile is not None and compile not in COMPILE_MODES:
-        raise ValueError(f"compile={compile!r}: allowed values are {COMPILE_MODES} (or None).")
+        quant.check_granularity(fp8)
+    if compile is not None and compile not in COMPILE_SCOPES:
+        raise ValueError(f"compile={compile!r}: allowed values are {COMPILE_SCOPES} (or None).")
+    if not isinstance(graphs, bool):
+        raise ValueError(f"graphs={graphs!r}: must be True or False.")
+    if graphs and compile == "full":
+        raise ValueError("graphs=True captures each block (compiled regionally): use compile='regional' or None.")
+    if offload is not None:
+        if offload not in OFFLOADS:
+            raise ValueError(f"offload={offload!r}: allowed values are {OFFLOADS} (or None).")
+        if device is not None and device.type != "cuda":
+            raise ValueError(f"offload={offload!r} moves weights between the CPU and a GPU; on {device.type} every "
+                             "weight already lives in host memory (use offload=None).")
+        if graphs:
+            raise ValueError("offload moves the weights that CUDA graphs replay from fixed addresses: use one or "
+                             "the other.")
+        if offload == "sequential" and compile is not None:
+            raise ValueError("offload='sequential' streams each layer's weights in as it runs: use compile=None.")
 
 
 def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
-             cache: float | None = None, fp8: str | None = None, compile: str | None = None,
-             compile_mode: str | None = None, channels_last_vae: bool = False) -> dict:
+             graphs: bool = False, cache: float | None = None, fp8: str | None = None, compile: str | None = None,
+             compile_mode: str | None = None, channels_last_vae: bool = False, vae_tiling: bool = False,
+             offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn'), fused QKV projections,
-    context parallelism (ulysses, ring), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), then
-    torch.compile ('regional': the repeated blocks, 'full': the whole transformer); `channels_last_vae` stores the
-    VAE's convolution weights channels-last (the layout cuDNN's convolutions prefer). Each at most once."""
-    check(cache, fp8, compile)
+    context parallelism (ulysses, ring), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold),
+    FP8 ('rowwise'/'tensorwise'), torch.compile ('regional': the repeated blocks, 'full': the whole transformer),
+    a channels-last VAE, a tiled VAE decode, and CPU offload ('model': each component moves to the GPU when it
+    runs; 'sequential': each layer does, the smallest footprint and the slowest). Each at most once per pipeline.
+    Returns `fluxlab.applied(pipe)`."""
+    check(cache, fp8, compile, graphs, offload, pipe.transformer.device)
     done = applied(pipe)
-    steps = (("attention", attention), ("fuse_qkv", fuse_qkv or None), ("parallel", parallel), ("cache", cache),
-             ("fp8", fp8), ("compile", compile), ("channels_last_vae", channels_last_vae or None))
-    for name, value in steps:
+    asked = dict(attention=attention, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
+                 cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
+                 vae_tiling=vae_tiling or None, offload=offload)
+    for name, value in asked.items():
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
-    if "compile" in done and any(v is not None for v in (parallel, cache, fp8)):
-        raise ValueError("the transformer is already compiled: apply parallel, cache and fp8 before compile.")
+    if "compile" in done and any(v is not None for v in (parallel, cache, fp8, graphs or None)):
+        raise ValueError("the transformer is already compiled: apply parallel, graphs, cache and fp8 before compile.")
+    if graphs and "cache" in done:
+        raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
     if attention is not None:
         transformer.set_attention_backend(attention)
-        done["attention"] = attention
     if fuse_qkv:
         if "fp8" in done:
             raise ValueError("fuse QKV projections before FP8 quantization.")
         transformer.fuse_qkv_projections()
-        done["fuse_qkv"] = True
     if parallel is not None:
-        ulysses, ring = parallel
-        backend = par.enable_context_parallel(transformer, ulysses, ring, done.get("attention"))
-        done["parallel"] = dict(ulysses=ulysses, ring=ring, attention_backend=backend)
+        context_parallel.enable(transformer, *parallel)
+    if graphs:  # the blocks are compiled beneath the graphs (regionally) when compile is asked for
+        cuda_graphs.capture_blocks(transformer, compile=compile == "regional", mode=compile_mode)
     if cache is not None:
-        done["_cache_stats"] = enable_first_block_cache(transformer, cache)
-        done["cache"] = dict(kind="first_block_cache", threshold=float(cache))
+        first_block_cache.enable(transformer, cache)
     if fp8 is not None:
-        done["fp8"] = dict(granularity=fp8, ran=quantize_fp8(pipe, fp8))
-        print(done["fp8"]["ran"])
-    if compile is not None:
-        if "parallel" in done and transformer.device.type == "cuda":
+        quant.quantize_fp8(pipe, quant.check_granularity(fp8))
+    if compile is not None and not graphs:
+        if parallel is not None and transformer.device.type == "cuda":
             torch._inductor.config.reorder_for_compute_comm_overlap = True
-        # The cache's decision is a Python branch (a graph break), so full graphs only without it.
-        fullgraph = "cache" not in done
         if compile == "regional":
-            transformer.compile_repeated_blocks(fullgraph=fullgraph, mode=compile_mode)
-        else:
-            transformer.compile(fullgraph=fullgraph, mode=compile_mode)
-        done["compile"] = dict(scope=compile, mode=compile_mode or "default", fullgraph=fullgraph)
+            transformer.compile_repeated_blocks(fullgraph=cache is None and "cache" not in done, mode=compile_mode)
+        else:  # the cache's decision is a Python branch (a graph break), so a full graph only without it
+            transformer.compile(fullgraph=cache is None and "cache" not in done, mode=compile_mode)
     if channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
-        done["channels_last_vae"] = True
-    return {k: v for k, v in done.items() if not k.startswith("_")}
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=transformer.device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=transformer.device)
+    return applied(pipe)
 
-
-def describe(done: dict, world_size: int = 1) -> str:
-    """A short configuration name for tables, e.g. 'FBCache 0.12 + FP8 rowwise + compile + CP x2'."""
-    parts = []
-    if "cache" in done:
-        parts.append(f"FBCache {done['cache']['threshold']:g}")
-    if "fp8" in done:
-        dynamic = done["fp8"]["ran"].startswith("FP8 dynamic")
-        parts.append(f"FP8 {'DQ' if dynamic else 'weight-only'} {done['fp8']['granularity'] if dynamic else ''}".strip())
-    if "compile" in done:
-        parts.append(f"compile ({done['compile']['scope']})")
-    if "attention" in done:
-        parts.append(f"attention {done['attention'].strip('_')}")
-    if "fuse_qkv" in done:
-        parts.append("fused QKV")
-    if "channels_last_vae" in done:
-        parts.append("channels-last VAE")
-    if "parallel" in done:
-        p = done["parallel"]
-        parts.append(f"CP x{world_size} (ulysses {p['ulysses']}, ring {p['ring']})")
-    return " + ".join(parts) or "baseline"

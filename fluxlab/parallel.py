@@ -1,4 +1,4 @@
-"""Context parallelism (diffusers' ContextParallelConfig) for processes started by torchrun."""
+"""Processes that make one image together (started by torchrun), and context parallelism across them."""
 import dataclasses
 import datetime
 import os
@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
+from . import cpu_shims
 from .settings import transformer_config
 
 # A collective that waits longer than this ends the run with an error instead of hanging.
@@ -14,7 +15,9 @@ TIMEOUT_S = int(os.environ.get("FLUXLAB_DIST_TIMEOUT_S", "900"))
 
 
 @dataclasses.dataclass(frozen=True)
-class Dist:
+class World:
+    """This process's place among the processes that make one image together."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -24,19 +27,22 @@ class Dist:
         return self.rank == 0
 
 
-def init(device: torch.device) -> Dist:
+def init(device: torch.device) -> World:
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, ...); a single process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Dist(0, 1, device)
+        return World(0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cpu":
+        cpu_shims.install()
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type ==
                                 "cuda" else None, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    return Dist(rank, world_size, device)
+    cpu_group()
+    return World(rank, world_size, device)
 
 
 def degrees(world_size: int, ulysses: int | None = None, ring: int | None = None) -> tuple[int, int]:
@@ -54,47 +60,55 @@ def degrees(world_size: int, ulysses: int | None = None, ring: int | None = None
 
 
 def check_split(settings, world_size: int, ulysses: int) -> None:
-    """Each process gets an equal share of image and text tokens; Ulysses splits the attention heads too."""
-    problems = []
-    if settings.image_tokens % world_size:
-        problems.append(f"{settings.image_tokens} image tokens ({settings.height}x{settings.width}) do not split "
-                        f"evenly over {world_size} processes")
-    if settings.max_sequence_length % world_size:
-        problems.append(f"{settings.max_sequence_length} text tokens do not split evenly over {world_size} "
-                        "processes")
+    """Each process gets an equal share of image and text tokens; Ulysses splits the attention heads too. A refusal
+    suggests only changes that make the split work."""
     heads = transformer_config(settings.source)["num_attention_heads"]
+    problems, fixes = [], []
+    if settings.image_tokens % world_size:
+        side = -(-settings.height // (16 * world_size)) * 16 * world_size
+        problems.append(f"{settings.image_tokens} image tokens ({settings.height}x{settings.width} pixels) do not "
+                        f"split evenly over {world_size} processes")
+        fixes.append(f"height={side} (any height and width whose (height/16) x (width/16) is a multiple of "
+                     f"{world_size})")
+    if settings.max_sequence_length % world_size:
+        problems.append(f"{settings.max_sequence_length} text tokens (max_sequence_length) do not split evenly over "
+                        f"{world_size} processes")
+        fixes.append(f"max_sequence_length={settings.max_sequence_length // world_size * world_size}")
     if heads % ulysses:
         problems.append(f"{heads} attention heads do not split over ulysses_degree={ulysses}")
+        fits = [d for d in range(1, world_size + 1) if world_size % d == 0 and heads % d == 0]
+        fixes.append("ulysses_degree x ring_degree = " + " or ".join(f"{d} x {world_size // d}" for d in fits))
     if problems:
-        raise ValueError("cannot split the sequence: " + "; ".join(problems) + ". Use fewer processes, another "
-                         "resolution (a multiple of 16 * processes works) or ring attention for what Ulysses "
-                         "cannot split.")
+        raise ValueError(f"cannot split the sequence over {world_size} processes: " + "; ".join(problems)
+                         + ". This works instead: " + "; ".join(fixes) + ".")
 
 
-def enable_context_parallel(transformer, ulysses: int, ring: int, backend: str | None = None) -> str:
-    """Shard the transformer's sequence over the process group; returns the attention backend used."""
-    if transformer.device.type == "cpu":
-        from . import cpu_shims
+def ring_backend(device: torch.device) -> str:
+    """Ring attention merges partial results with their log-sum-exp, which only flash/cuDNN kernels return."""
+    return "_native_cudnn" if device.type == "cuda" else "_native_flash"
 
-        cpu_shims.install()
-    if backend is None:
-        # Ring attention merges partial results with the log-sum-exp, which only flash/cuDNN kernels return.
-        on_gpu = transformer.device.type == "cuda"
-        backend = "native" if ring == 1 else ("_native_cudnn" if on_gpu else "_native_flash")
-    transformer.set_attention_backend(backend)
+
+def enable(transformer, ulysses: int, ring: int) -> None:
+    """Shard the transformer's sequence over the process group (chapter 4 makes the same two calls)."""
+    if ring > 1:
+        transformer.set_attention_backend(ring_backend(transformer.device))
     transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
-    return backend
 
 
 _cpu_group = None
 
 
-def barrier() -> None:
-    """Wait for every process, on the CPU (gloo): an NCCL barrier would leave a kernel spinning on a waiting
-    process's GPU, sharing it by time slices with any other process there (e.g. a serving pool)."""
+def cpu_group():
+    """A gloo group over every process, for waiting and for small Python objects: an NCCL barrier would leave a
+    kernel spinning on a waiting process's GPU, sharing it by time slices with any other process there (e.g. a
+    serving pool). `init` creates it, at the same point on every process."""
     global _cpu_group
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    if _cpu_group is None:  # every process reaches its first barrier at the same point, so all create it
+    if _cpu_group is None:
         _cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    dist.barrier(group=_cpu_group)
+    return _cpu_group
+
+
+def barrier() -> None:
+    """Wait for every process, on the CPU."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=cpu_group())

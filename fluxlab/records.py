@@ -1,4 +1,26 @@
-"""Result records: one JSON file per measured configuration, with the provenance of the run that wrote it."""
+"""Result records: one schema for a timed configuration, written by `write` and read by `read`.
+
+A record (a dict, stored as JSON) is one configuration timed in one run:
+
+| field | what |
+|---|---|
+| `schema` | `SCHEMA` |
+| `name`, `chapter` | what the run called it, and which chapter (or `bench`, `serve`) ran it |
+| `label` | a short description for tables, e.g. "FBCache 0.12 + FP8 DQ rowwise + compile (regional)" |
+| `model_source`, `model_weights`, `random_weights`, `dtype` | what ran: the source's label, the tiny pipeline's weights fingerprint (None for other sources), whether its weights are random, the transformer's dtype |
+| `settings` | the request: prompt, size, steps, guidance, seed, T5 length, device |
+| `optimizations` | what was applied to the pipeline, read off the pipeline itself (`fluxlab.applied`) |
+| `processes` | how many processes made each image together |
+| `timing` | `warmup_s` (the first is the cold start), `times_s`, `min_s`, `median_s`, `cold_start_s` |
+| `cache` | First Block Cache's decisions in the last timed call, or None |
+| `peak_mem_gb` | peak GPU memory allocated during the timed calls (this process), or None |
+| `image` | the image file beside the record, or None |
+| `extras` | further measurements by name: `adherence`, `step_costs`, `profile`, `latents_rel_error`, ... |
+| `provenance` | commit, package versions, device, driver, world size, date, run id |
+
+A results file holds a list of records: a chapter writes one file per configuration, `scripts/bench.py` one file per
+run (`bench-<N>gpu.json`).
+"""
 import datetime
 import functools
 import hashlib
@@ -14,10 +36,71 @@ import torch
 
 from .settings import TINY_DIR
 
+SCHEMA = 2
+FIELDS = ("schema", "name", "chapter", "label", "model_source", "model_weights", "random_weights", "dtype",
+          "settings", "optimizations", "processes", "timing", "cache", "peak_mem_gb", "image", "extras", "provenance")
+TIMING = ("warmup_s", "times_s", "min_s", "median_s", "cold_start_s")
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "accelerate", "safetensors", "fluxlab")
-PROVENANCE_KEYS = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
+PROVENANCE = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
 # One id per runner invocation (set by scripts/run_book.py), else per process: ratios only within one run.
 RUN_ID = os.environ.get("FLUXLAB_RUN_ID") or uuid.uuid4().hex[:12]
+
+
+class RecordError(ValueError):
+    """A record file that does not follow the schema."""
+
+
+def check(record: dict, where: str) -> dict:
+    """Raise RecordError naming `where` and the first missing or malformed field; return the record."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+    if record.get("schema") != SCHEMA:
+        raise RecordError(f"{where}: record schema {record.get('schema')!r}, this code reads schema {SCHEMA}; "
+                          "re-run what wrote it")
+    for field in FIELDS:
+        if field not in record:
+            raise RecordError(f"{where}: record {record.get('name')!r} lacks the field {field!r}")
+    for field in TIMING:
+        if field not in record["timing"]:
+            raise RecordError(f"{where}: record {record['name']!r} lacks timing.{field}")
+    for field in PROVENANCE:
+        value = record["provenance"].get(field)
+        if value is None or value == "":
+            raise RecordError(f"{where}: record {record['name']!r} lacks provenance.{field}")
+    return record
+
+
+def write(path: str | Path, records: list[dict]) -> Path:
+    """Check every record and write the list atomically: a crash mid-write never leaves a half file."""
+    for record in records:
+        check(record, str(path))
+    return replace_atomically(Path(path), json.dumps(dict(records=records), indent=1, sort_keys=True).encode())
+
+
+def read(path: str | Path) -> list[dict]:
+    """The records of one file, checked, each with `_path` (the file) set."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise RecordError(f"{path}: expected an object with a list 'records'")
+    return [dict(check(r, str(path)), _path=str(path)) for r in data["records"]]
+
+
+def read_folder(folder: str | Path, pattern: str = "*.json") -> list[dict]:
+    """Every record in the folder's files matching `pattern`, oldest first."""
+    found = [r for path in sorted(Path(folder).glob(pattern)) for r in read(path)]
+    return sorted(found, key=lambda r: r["provenance"]["date_utc"])
+
+
+def replace_atomically(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 def git_commit() -> str:
@@ -99,41 +182,7 @@ def provenance(device: torch.device, world_size: int) -> dict:
             accel["gpu_links"] = gpu_links(gpu_topology(), world_size)
     else:
         device_name, device_count, accel = f"CPU ({platform.processor() or platform.machine()})", 0, {}
-    return dict(git_commit=git_commit(), versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
-                device_name=device_name, device_count=device_count, world_size=world_size, **accel,
-                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), run_id=RUN_ID)
-
-
-def missing_provenance(record: dict) -> list[str]:
-    prov = record.get("provenance", {})
-    missing = [k for k in PROVENANCE_KEYS if not prov.get(k) and prov.get(k) != 0]
-    missing += [k for k in ("model_source", "settings", "optimizations") if k not in record]
-    return missing
-
-
-def replace_atomically(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` so that a crash mid-write never leaves a half file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def write(record: dict, path: Path) -> Path:
-    """Write a record atomically, refusing one without provenance."""
-    missing = missing_provenance(record)
-    if missing:
-        raise ValueError(f"record {record.get('name')!r} lacks provenance: {missing}")
-    return replace_atomically(path, json.dumps(record, indent=1, sort_keys=True).encode())
-
-
-def load(folder: Path, pattern: str = "*.json") -> list[dict]:
-    """All records in a folder, each with `_path` set, oldest first."""
-    records = []
-    for path in sorted(Path(folder).glob(pattern)):
-        record = json.loads(path.read_text())
-        record["_path"] = str(path)
-        records.append(record)
-    return sorted(records, key=lambda r: r["provenance"]["date_utc"])
+    versions = {p: _version(p) for p in PACKAGES} | {"python": platform.python_version()}
+    return dict(git_commit=git_commit(), versions=versions, device_name=device_name, device_count=device_count,
+                world_size=world_size, **accel, run_id=RUN_ID,
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -1,13 +1,19 @@
 """A persistent inference pool: load, optimize and warm up once per process, then serve many requests.
 
-One process per device (or per CPU rank with gloo) joins a process group, loads the pipeline with the chosen
-optimizations (context parallel across all processes when there are several), warms up, then waits for
-requests. Every request goes to all processes together, in order; process 0 returns the PNG. A small HTTP front
-(standard library) exposes `POST /generate` and `GET /health`.
+One process per device (or per CPU rank with gloo) joins a process group, loads the pipeline and applies the
+requested optimizations with `fluxlab.optimize` (context parallel across all processes when there are several),
+warms up, then waits for requests. Every request goes to all processes together, in order; process 0 returns
+the PNG. A small HTTP front (standard library) exposes `POST /generate` and `GET /health`.
+
+The pool survives what clients send: requests are checked before they reach a worker (400); a request that fails
+inside the pipeline on every process returns 500 with a short message (the traceback goes to the server's log) and
+the pool serves the next one; a request that outlives its time limit, or a process that dies, ends every worker
+and starts the pool afresh.
 """
 import argparse
 import dataclasses
 import io
+import itertools
 import json
 import os
 import queue
@@ -20,13 +26,59 @@ import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import torch
 import torch.multiprocessing as mp
+from PIL import Image
+
+from . import parallel
+from .applied import applied, describe
+from .measuring import record, save, timing
+from .optimize import optimize
+from .pipeline import generate, load_pipeline
+from .optimize import check as check_options
+from .settings import SERVER_LIMITS, Limits, check_int, check_number
+from .settings import check as check_settings
 
 REQUEST_FIELDS = ("prompt", "seed", "height", "width", "steps", "guidance")
+MAX_BODY_BYTES = 64 * 1024
 
 
 class PoolError(RuntimeError):
-    """A worker failed or died; the pool is unhealthy until restarted."""
+    """The request could not be served; `status` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.SERVICE_UNAVAILABLE):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """What every worker loads and applies; checked before any process starts."""
+
+    model_source: str = "tiny"
+    device: str = "auto"
+    nproc: int = 1
+    cache: float | None = None
+    fp8: str | None = None
+    compile: str | None = None
+    graphs: bool = False
+
+    def check(self):
+        """The pool's base request (the source's defaults), after checking every field."""
+        check_int("nproc", self.nproc, 1, 64)
+        check_options(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs)
+        base = check_settings(self.model_source, self.device)
+        if self.nproc > 1:
+            parallel.check_split(base, self.nproc, self.nproc)
+            if base.device.type == "cuda" and torch.cuda.device_count() < self.nproc:
+                raise ValueError(f"nproc={self.nproc}: only {torch.cuda.device_count()} GPU(s) here")
+        return base
+
+    def optimizations(self) -> dict:
+        kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs)
+        if self.nproc > 1:
+            kwargs["parallel"] = parallel.degrees(self.nproc)
+        return kwargs
 
 
 def _free_port() -> int:
@@ -35,144 +87,175 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, config: dict, requests, results) -> None:
+def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None:
     # A pool started from inside a torchrun job must not join torchrun's rendezvous store.
     for name in [n for n in os.environ if n.startswith("TORCHELASTIC_")]:
         del os.environ[name]
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    import torch
-
-    import fluxlab
-    from fluxlab import parallel
-
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(config.nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), FLUXLAB_PROGRESS="0")
     try:
-        settings = fluxlab.settings(config["model_source"], config["device"])
+        settings = check_settings(config.model_source, config.device)
         if settings.device.type == "cpu":  # share the cores, as torchrun's OMP_NUM_THREADS does
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        dist = parallel.init(settings.device)
-        settings = settings.on(dist.device)
-        pipe = fluxlab.load(settings)
-        kwargs = dict(cache=config.get("cache"), fp8=config.get("fp8"), compile=config.get("compile"))
-        if world_size > 1:
-            kwargs["parallel"] = parallel.degrees(world_size)
-        fluxlab.optimize(pipe, **kwargs)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.nproc))
+        world = parallel.init(settings.device)
+        settings = settings.on(world.device)
+        pipe = load_pipeline(settings)
+        optimize(pipe, **config.optimizations())
         start = time.perf_counter()
-        fluxlab.generate(pipe, settings)
-        if rank == 0:
-            results.put(("ready", time.perf_counter() - start))
-        while (request := requests.get()) is not None:
-            image = fluxlab.generate(pipe, dataclasses.replace(settings, **request))
+        generate(pipe, settings)
+        results.put((None, rank, "ready", (time.perf_counter() - start, applied(pipe))))
+    except Exception:
+        traceback.print_exc()
+        results.put((None, rank, "error", _last_line()))
+        return
+    while (item := requests.get()) is not None:
+        number, fields = item
+        try:
+            image = generate(pipe, dataclasses.replace(settings, **fields))
+            png = None
             if rank == 0:
                 buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                results.put(("ok", buffer.getvalue()))
-    except Exception:  # the pool turns this into an error response and marks itself unhealthy
-        results.put(("error", f"rank {rank}: {traceback.format_exc()}"))
+                image.save(buffer, format="PNG", compress_level=1)  # fast: noise images do not compress anyway
+                png = buffer.getvalue()
+            results.put((number, rank, "ok", png))
+        except Exception:  # the server's log keeps the traceback; the client gets its last line
+            print(f"request {number} failed on rank {rank}:", file=sys.stderr)
+            traceback.print_exc()
+            results.put((number, rank, "failed", _last_line()))
+
+
+def _last_line() -> str:
+    return traceback.format_exc().strip().splitlines()[-1][:300]
 
 
 class Pool:
-    """`world_size` worker processes serving one request at a time, in arrival order."""
+    """`config.nproc` worker processes serving one request at a time, in arrival order."""
 
-    def __init__(self, world_size: int = 1, model_source: str = "tiny", device: str = "auto", cache=None, fp8=None,
-                 compile=None, start_timeout_s: float = 900, request_timeout_s: float = 600):
-        import fluxlab
-        from fluxlab import parallel
-
+    def __init__(self, config: PoolConfig, limits: Limits = SERVER_LIMITS, start_timeout_s: float = 900,
+                 request_timeout_s: float = 600, grace_s: float = 30):
         started = time.perf_counter()
-        self.base = fluxlab.settings(model_source, device)  # checks the source before starting anything
-        if world_size > 1:
-            parallel.check_split(self.base, world_size, world_size)
-        fluxlab.check_options(cache=cache, fp8=fp8, compile=compile)
-        self.world_size, self.request_timeout_s = world_size, request_timeout_s
+        self.base = config.check()
+        self.config, self.limits = config, limits
+        self.world_size = config.nproc
+        self.request_timeout_s = check_number("request_timeout_s", request_timeout_s, 1, 86_400)
+        self.start_timeout_s, self.grace_s = start_timeout_s, grace_s
         self.lock = threading.Lock()
-        self.healthy, self.served, self.error = False, 0, None
+        self.numbers = itertools.count()
+        self.served = self.failed = self.restarts = 0
+        self.healthy, self.error, self.procs = False, None, []
         self.shapes = {(self.base.height, self.base.width)}
+        self._start()
+        # start_s: everything a one-shot job does before its first image; warmup_s: that first image alone.
+        self.start_s = time.perf_counter() - started
+
+    def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
-        self.requests = [ctx.Queue() for _ in range(world_size)]
-        config = dict(model_source=model_source, device=device, cache=cache, fp8=fp8, compile=compile)
-        self.config = config
+        self.requests = [ctx.Queue() for _ in range(self.world_size)]
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, config, self.requests[r], self.results),
-                                  daemon=True) for r in range(world_size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, port, self.config, self.requests[r], self.results),
+                                  daemon=True) for r in range(self.world_size)]
         for p in self.procs:
             p.start()
-        kind, value = self._wait(start_timeout_s)
-        if kind != "ready":
-            self.close()
-            raise PoolError(f"the pool did not start: {value}")
-        # start_s: everything a one-shot job does before its first image; warmup_s: that first image alone.
-        self.warmup_s, self.start_s, self.healthy = value, time.perf_counter() - started, True
-
-    def check(self, request: dict) -> dict:
-        """The request's fields, validated like any fluxlab run; raises ValueError saying what is allowed."""
-        import fluxlab
-        from fluxlab import parallel
-
-        unknown = set(request) - set(REQUEST_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: {list(REQUEST_FIELDS)}")
-        base = self.base
-        source = base.source.location if base.source.kind == "real" else base.source.kind
-        defaults = dict(prompt=base.prompt, seed=base.seed, steps=base.steps, guidance=base.guidance)
-        settings = fluxlab.settings(source, str(base.device), **{**defaults, **request})
-        if self.world_size > 1:
-            parallel.check_split(settings, self.world_size, self.world_size)
-        return {k: getattr(settings, k) for k in REQUEST_FIELDS}
+        answers = self._collect(None, self.start_timeout_s)
+        bad = [a for a in answers.values() if a[0] != "ready"]
+        if len(answers) < self.world_size or bad:
+            self._stop()
+            reason = bad[0][1] if bad else self._dead() or f"no answer within {self.start_timeout_s:.0f} s"
+            raise PoolError(f"the pool did not start: {reason}")
+        (self.warmup_s, self.applied), self.healthy, self.error = answers[0][1], True, None
 
     def _dead(self) -> str | None:
         dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
         return f"worker process(es) {dead} died (exit codes {[self.procs[r].exitcode for r in dead]})" if dead else None
 
-    def _wait(self, timeout_s: float):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def _collect(self, number, timeout_s: float) -> dict:
+        """Answers to request `number` (None: the start) by rank, until every rank answered, one failed and the
+        others stayed silent for `grace_s`, a process died, or `timeout_s` passed."""
+        answers, deadline = {}, time.monotonic() + timeout_s
+        while len(answers) < self.world_size and time.monotonic() < deadline:
             try:
-                kind, value = self.results.get(timeout=0.5)
+                got, rank, kind, value = self.results.get(timeout=0.5)
             except queue.Empty:
-                if dead := self._dead():
-                    return "error", dead
+                if self._dead():
+                    break
                 continue
-            if kind == "error":  # a rank that lost its peer reports a broken collective: name the dead one
-                time.sleep(0.5)
-                if dead := self._dead():
-                    value = f"{dead}; {value}"
-            return kind, value
-        return "error", f"no answer within {timeout_s:.0f} s"
+            if got == number:
+                answers[rank] = (kind, value)
+                if kind in ("failed", "error"):
+                    deadline = min(deadline, time.monotonic() + self.grace_s)
+        return answers
 
-    def generate(self, request: dict) -> tuple[bytes, bool]:
-        """PNG bytes for a validated request, and whether its shape was compiled/run for the first time."""
+    def check(self, request) -> dict:
+        """The request's fields, validated like any fluxlab run against the server's limits; raises ValueError
+        naming the field, the value and what is allowed."""
+        if not isinstance(request, dict):
+            raise ValueError("the body must be a JSON object, e.g. {\"prompt\": \"...\", \"seed\": 1}")
+        unknown = set(request) - set(REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; allowed: {list(REQUEST_FIELDS)}")
+        settings = self.base.with_request(self.limits, **request)
+        if self.world_size > 1:
+            parallel.check_split(settings, self.world_size, self.world_size)
+        return {k: getattr(settings, k) for k in REQUEST_FIELDS}
+
+    def generate(self, fields: dict) -> tuple[bytes, bool]:
+        """PNG bytes for checked fields, and whether its shape ran for the first time (compiled, captured)."""
         with self.lock:
             if not self.healthy:
                 raise PoolError(f"the pool is unhealthy: {self.error}")
-            shape = (request["height"], request["width"])
-            first_use = shape not in self.shapes
+            number = next(self.numbers)
+            shape = (fields["height"], fields["width"])
             for q in self.requests:
-                q.put(request)
-            kind, value = self._wait(self.request_timeout_s)
-            if kind != "ok":
-                self.healthy, self.error = False, value
-                raise PoolError(value)
-            self.shapes.add(shape)
-            self.served += 1
-            return value, first_use
+                q.put((number, fields))
+            answers = self._collect(number, self.request_timeout_s)
+            kinds = {kind for kind, _ in answers.values()}
+            if len(answers) == self.world_size and kinds == {"ok"}:
+                self.served += 1
+                first_use = shape not in self.shapes
+                self.shapes.add(shape)
+                return answers[0][1], first_use
+            failed = [value for kind, value in answers.values() if kind == "failed"]
+            if len(answers) == self.world_size:  # every rank answered: the pool is consistent, keep serving
+                self.failed += 1
+                raise PoolError(f"the request failed: {failed[0]}", HTTPStatus.INTERNAL_SERVER_ERROR)
+            dead = self._dead()
+            if failed:
+                reason = f"the request failed on some processes ({failed[0]}) while others waited"
+            elif dead:
+                reason = dead
+            else:
+                reason = f"the request did not finish within {self.request_timeout_s:.0f} s and was cancelled"
+            self._restart(reason)
+            status = HTTPStatus.GATEWAY_TIMEOUT if not failed and not dead else HTTPStatus.SERVICE_UNAVAILABLE
+            raise PoolError(f"{reason}; the pool was restarted ({'healthy' if self.healthy else self.error})",
+                            status)
+
+    def _restart(self, reason: str) -> None:
+        print(f"restarting the pool: {reason}", file=sys.stderr, flush=True)
+        self._stop()
+        self.restarts += 1
+        try:
+            self._start()
+        except PoolError as err:
+            self.healthy, self.error = False, str(err)
 
     def health(self) -> dict:
         dead = self._dead()
         if self.healthy and dead:
-            self.healthy, self.error = False, dead
+            with self.lock:  # a worker died between requests: start afresh
+                self._restart(dead)
         alive = sum(p.is_alive() for p in self.procs)
         return dict(healthy=self.healthy, processes=self.world_size, alive=alive, served=self.served,
-                    error=self.error)
+                    failed=self.failed, restarts=self.restarts, error=self.error)
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         """End every worker: ask politely, then terminate, then kill."""
         for q, p in zip(self.requests, self.procs):
             if p.is_alive():
                 q.put(None)
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
@@ -180,6 +263,30 @@ class Pool:
                 p.kill()
                 p.join()
         self.healthy = False
+
+    def close(self) -> None:
+        self._stop()
+        self.error = "closed"
+
+
+def measure_pool(pool: Pool, settings, *, name: str, chapter: str, output_dir, repeats: int = 3) -> dict:
+    """Per-request latency of a started pool, after one untimed request, as a record (`fluxlab.records`).
+
+    The pool's start (spawn the processes, load, optimize and compile, first image) is what a one-shot job pays
+    before its first image; it is recorded as the cold start."""
+    fields = pool.check({k: getattr(settings, k) for k in REQUEST_FIELDS})
+    pool.generate(fields)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        png, _ = pool.generate(fields)
+        times.append(time.perf_counter() - start)
+    rec = record(name=name, chapter=chapter, settings=settings, optimizations=pool.applied, processes=pool.world_size,
+                 timing=timing([pool.start_s], times), dtype="bfloat16" if settings.device.type == "cuda" else "float32",
+                 label="serving pool: " + describe(pool.applied, pool.world_size), image=f"{chapter}--{name}.png",
+                 extras=dict(pool=dict(first_image_in_worker_s=pool.warmup_s)))
+    save(rec, Image.open(io.BytesIO(png)), output_dir)
+    return rec
 
 
 def make_handler(pool: Pool):
@@ -206,16 +313,22 @@ def make_handler(pool: Pool):
             if self.path != "/generate":
                 return self._json(HTTPStatus.NOT_FOUND, dict(error="GET /health or POST /generate"))
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("the body must be a JSON object")
-                request = pool.check(body)
-            except ValueError as err:  # json.JSONDecodeError is a ValueError too
+                length = int(self.headers.get("Content-Length", 0))
+            except ValueError:
+                return self._json(HTTPStatus.BAD_REQUEST, dict(error="Content-Length must be an integer"))
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read
+                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                  dict(error=f"the body has {length} bytes; at most {MAX_BODY_BYTES} are read"))
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+                fields = pool.check(body)
+            except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError too
                 return self._json(HTTPStatus.BAD_REQUEST, dict(error=str(err)))
             try:
-                png, first_use = pool.generate(request)
+                png, first_use = pool.generate(fields)
             except PoolError as err:
-                return self._json(HTTPStatus.SERVICE_UNAVAILABLE, dict(error=str(err)))
+                return self._json(err.status, dict(error=str(err)))
             self._send(HTTPStatus.OK, png, "image/png", {"X-Fluxlab-First-Use-Of-Shape": str(first_use).lower()})
 
         def log_message(self, format, *args):  # quiet: one line per request on stderr is noise in tests
@@ -236,12 +349,24 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=float)
     parser.add_argument("--fp8", choices=("rowwise", "tensorwise"))
     parser.add_argument("--compile", choices=("regional", "full"))
+    parser.add_argument("--graphs", action="store_true", help="CUDA graphs of the blocks (fluxlab.graphs)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
+    parser.add_argument("--max-side", type=int, default=SERVER_LIMITS.max_side, help="largest height or width")
+    parser.add_argument("--max-prompt-chars", type=int, default=SERVER_LIMITS.max_prompt_chars)
+    parser.add_argument("--request-timeout-s", type=float, default=600)
     args = parser.parse_args(argv)
     try:
-        pool = Pool(args.nproc, args.model_source, args.device, args.cache, args.fp8, args.compile)
-    except ValueError as err:
+        check_int("port", args.port, 0, 65535)
+        limits = Limits(max_steps=check_int("max_steps", args.max_steps, 1, 10_000),
+                        max_side=check_int("max_side", args.max_side, 16, 16_384),
+                        max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
+        config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
+                            args.graphs)
+        config.check()
+        pool = Pool(config, limits, request_timeout_s=args.request_timeout_s)
+    except (ValueError, PoolError) as err:
         raise SystemExit(f"error: {err}") from None
     server = serve(pool, args.host, args.port)
     print(f"fluxlab serving {args.model_source} on {args.nproc} process(es), warm-up {pool.warmup_s:.1f} s: "

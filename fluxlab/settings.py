@@ -1,6 +1,11 @@
-"""Generation settings, checked before any heavy work."""
+"""Generation settings: one validation of a request, used by the chapters, the runner, the benchmark and the server.
+
+Every field is checked for its type and range before anything heavy runs; an error names the field, the value and
+what is allowed.
+"""
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -21,6 +26,20 @@ SOURCE_DEFAULTS = {
     "real": dict(prompt=ARTICLE_PROMPT, height=1024, width=1024, max_sequence_length=512),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Upper bounds of a request. The defaults let a chapter run anything a GPU can; the server is stricter
+    (`SERVER_LIMITS`, set with `python -m fluxlab serve --max-steps ...`)."""
+
+    max_steps: int = 1000
+    max_side: int = 4096
+    max_prompt_chars: int = 20_000
+
+
+SERVER_LIMITS = Limits(max_steps=100, max_side=2048, max_prompt_chars=2000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +54,21 @@ class Source:
         return self.kind if self.location is None else f"real:{self.location}"
 
     @property
+    def spec(self) -> str:
+        """What `check` takes to name this source again."""
+        return self.kind if self.location is None else self.location
+
+    @property
     def is_random(self) -> bool:
         return self.kind == "flux-dev-random"
 
 
-def resolve_source(spec: str) -> Source:
+def resolve_source(spec) -> Source:
     """'tiny', 'flux-dev-random', a hub id ('owner/name') or a local folder of a FLUX.1-dev pipeline."""
+    allowed = (f"Allowed: 'tiny', 'flux-dev-random', a hub id such as '{DEFAULT_REPO}', or an existing local "
+               "pipeline folder.")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model_source={spec!r}: must be a non-empty string. {allowed}")
     if spec in OFFLINE_SOURCES:
         return Source(spec)
     if spec == "real":
@@ -48,16 +76,14 @@ def resolve_source(spec: str) -> Source:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ValueError(f"model source {spec!r}: the folder has no model_index.json; expected a pipeline "
+            raise ValueError(f"model_source={spec!r}: the folder has no model_index.json; expected a pipeline "
                              "folder in the hub layout (model_index.json, transformer/, vae/, ...).")
         return Source("real", str(path.resolve()))
     if spec.startswith(("/", ".", "~")) or path.exists():
-        raise ValueError(f"model source {spec!r}: no such folder. Allowed: 'tiny', 'flux-dev-random', "
-                         f"a hub id such as '{DEFAULT_REPO}', or an existing local pipeline folder.")
+        raise ValueError(f"model_source={spec!r}: no such folder. {allowed}")
     if _HUB_ID.match(spec):
         return Source("real", spec)
-    raise ValueError(f"unknown model source {spec!r}. Allowed: 'tiny', 'flux-dev-random', a hub id such as "
-                     f"'{DEFAULT_REPO}', or an existing local pipeline folder.")
+    raise ValueError(f"unknown model source {spec!r}. {allowed}")
 
 
 def transformer_config(source: Source) -> dict:
@@ -71,14 +97,31 @@ def transformer_config(source: Source) -> dict:
     return json.loads(path.read_text())
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device) -> torch.device:
+    if not isinstance(device, str):
+        raise ValueError(f"device={device!r}: must be a string. Allowed: 'auto', 'cpu', 'cuda', 'cuda:N'.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}. Allowed: 'auto', 'cpu', 'cuda', 'cuda:N'.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here. Allowed: 'auto', 'cpu'.")
-    if not device.startswith(("cpu", "cuda")):
-        raise ValueError(f"unknown device {device!r}. Allowed: 'auto', 'cpu', 'cuda', 'cuda:N'.")
     return torch.device(device)
+
+
+def check_int(name: str, value, low: int, high: int, hint: str = "") -> int:
+    """An integer (not a bool, not a float) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r}: must be an integer from {low} to {high}{hint}.")
+    return value
+
+
+def check_number(name: str, value, low: float, high: float, hint: str = "") -> float:
+    """A finite number (not a bool) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ValueError(f"{name}={value!r}: must be a finite number from {low:g} to {high:g}{hint}.")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,38 +150,52 @@ class Settings:
         """The same request on another device (e.g. this rank's GPU)."""
         return dataclasses.replace(self, device=device)
 
+    def with_request(self, limits: Limits = Limits(), **fields) -> "Settings":
+        """This request with some fields replaced, checked again (the server's per-request path)."""
+        current = dict(model_source=self.source.spec, device=str(self.device), prompt=self.prompt,
+                       height=self.height, width=self.width, steps=self.steps, guidance=self.guidance,
+                       seed=self.seed, max_sequence_length=self.max_sequence_length)
+        return check(**{**current, **fields}, limits=limits)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(source=self.source.label, device=str(self.device))
         return d
 
 
-def settings(model_source: str = "tiny", device: str = "auto", prompt: str | None = None,
-             height: int | None = None, width: int | None = None, steps: int = 28, guidance: float = 3.5,
-             seed: int = 0, max_sequence_length: int | None = None) -> Settings:
-    """Check every argument and fill the source's defaults; raises ValueError saying what is allowed."""
+def check(model_source="tiny", device="auto", prompt=None, height=None, width=None, steps=28, guidance=3.5,
+          seed=0, max_sequence_length=None, limits: Limits = Limits()) -> Settings:
+    """Check every argument and fill the source's defaults; raises ValueError naming the field, the value and
+    what is allowed."""
     source = resolve_source(model_source)
     defaults = SOURCE_DEFAULTS[source.kind]
     prompt = defaults["prompt"] if prompt is None else prompt
-    height = defaults["height"] if height is None else height
-    width = defaults["width"] if width is None else width
-    max_sequence_length = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt={_short(prompt)}: must be a non-empty string (the text to draw).")
+    if len(prompt) > limits.max_prompt_chars:
+        raise ValueError(f"prompt of {len(prompt)} characters: at most {limits.max_prompt_chars} are allowed "
+                         "(T5 reads 512 tokens at most).")
+    sides = {}
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value < 16 or value % 16:
-            raise ValueError(f"{name}={value!r}: must be a positive multiple of 16 (FLUX packs 2x2 patches of "
-                             "an 8x downsampled latent), e.g. 128, 512, 1024.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r}: must be an integer >= 1 (the article uses 28).")
-    if not 1 <= max_sequence_length <= 512:
-        raise ValueError(f"max_sequence_length={max_sequence_length!r}: must be between 1 and 512.")
-    if not prompt:
-        raise ValueError("prompt is empty: give the text to draw.")
-    return Settings(source, resolve_device(device), prompt, height, width, steps, float(guidance), int(seed),
-                    max_sequence_length)
+        value = defaults[name] if value is None else value
+        sides[name] = check_int(name, value, 16, limits.max_side)
+        if value % 16:
+            raise ValueError(f"{name}={value!r}: must be a multiple of 16 (FLUX packs 2x2 patches of an 8x "
+                             "downsampled latent), e.g. 128, 512, 1024.")
+    msl = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+    return Settings(
+        source=source, device=resolve_device(device), prompt=prompt, height=sides["height"], width=sides["width"],
+        steps=check_int("steps", steps, 1, limits.max_steps, " (the article uses 28)"),
+        guidance=check_number("guidance", guidance, 0.0, 100.0, " (the article uses 3.5)"),
+        seed=check_int("seed", seed, 0, MAX_SEED),
+        max_sequence_length=check_int("max_sequence_length", msl, 1, 512))
 
 
-def check_threshold(threshold: float) -> float:
-    if threshold is None or not isinstance(threshold, (int, float)) or threshold < 0:
-        raise ValueError(f"cache threshold {threshold!r}: must be a number >= 0 (0 caches nothing; "
-                         "the article uses 0.06-0.12).")
-    return float(threshold)
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_threshold(threshold) -> float:
+    return check_number("cache threshold", threshold, 0.0, 1.0,
+                        " (0 caches nothing, 1 skips every step after the first; the article uses 0.06-0.12)")

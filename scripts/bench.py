@@ -1,185 +1,176 @@
-"""Benchmark FLUX.1-dev configurations in one run: s/image, ratio to the eager baseline, memory, cold start.
+"""Benchmark FLUX.1-dev configurations in one run: seconds per image, ratios, memory, cold start, where time goes.
 
-    python scripts/bench.py [--configs baseline,fp8,...] [--repeats 5]              # one GPU
-    torchrun --nproc_per_node 2 scripts/bench.py --configs baseline,fp8-cudnn,cp-fp8-cudnn
+    python scripts/bench.py --configs baseline,compile,fp8,fp8-graphs --profile                   # one GPU
+    torchrun --nproc_per_node 4 scripts/bench.py --configs fp8-graphs,cp-fp8,cp-fp8-graphs --profile
 
-Each configuration loads a fresh pipeline (default source flux-dev-random, the article's settings: 1024x1024,
-28 steps, guidance 3.5, text encoding + denoising + VAE decode), applies its optimizations, makes `--warmup` calls
-(the first is the cold start, compilation included), then times `--repeats` calls. One-process configurations run
-on rank 0 while the other ranks wait. Writes `<out>/bench-<N>gpu.json` (rank 0) only when every configuration
-succeeded; a failed run leaves the previous file as it was. Progress goes to `bench-<N>gpu.partial.json` after each
-configuration (a run stopped by a time limit keeps what it measured).
+Each configuration loads a fresh pipeline (default source flux-dev-random at the article's settings: 1024x1024,
+28 steps, guidance 3.5; text encoding + denoising + VAE decode), applies its optimizations with
+`fluxlab.optimize`, makes `--warmup` calls (the first is the cold start, compilation included) and times
+`--repeats` calls with `fluxlab.measure`. One-process configurations run on process 0 while the others wait;
+context-parallel ones (`cp-...`) on every process. The first configuration is the run's reference.
+With `--profile`, every process profiles one more image (compute, exposed communication and idle time as unions
+of kernel intervals) and, on two or more processes, the run times a bare all-to-all of one Ulysses tensor.
+Writes `<out>/bench-<N>gpu.json` (a list of records, `fluxlab.records`) only when every configuration succeeded;
+progress goes to `bench-<N>gpu.partial.json` after each configuration.
 """
 import argparse
 import gc
-import json
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("FLUXLAB_PROGRESS", "0")  # no denoising progress bars in the benchmark's log
 import fluxlab  # noqa: E402
-from fluxlab import parallel, records  # noqa: E402
+from fluxlab import parallel, profiling, records  # noqa: E402
+from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
-# name: (processes, optimize() arguments); CP configurations get parallel=(N, 1) added.
+FP8 = dict(fp8="rowwise", compile="regional")
+# name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
     "baseline": (1, {}),
     "compile": (1, dict(compile="regional")),
-    "cudnn-compile": (1, dict(attention="_native_cudnn", compile="regional")),
-    "fp8": (1, dict(fp8="rowwise", compile="regional")),
-    "fp8-cudnn": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
-    "fp8-cudnn-fused": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional")),
-    "fp8-tensorwise-cudnn": (1, dict(attention="_native_cudnn", fp8="tensorwise", compile="regional")),
-    "fp8-cudnn-fused-vae": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional",
-                                    channels_last_vae=True)),
-    "fp8-cudnn-full": (1, dict(attention="_native_cudnn", fp8="rowwise", compile="full")),
-    # max-autotune benchmarks ~100 kernel choices per GEMM shape: minutes of cold start per shape on one H100.
-    "fp8-cudnn-autotune": (1, dict(attention="_native_cudnn", fuse_qkv=True, fp8="rowwise", compile="regional",
-                                   compile_mode="max-autotune-no-cudagraphs", channels_last_vae=True)),
-    "fbcache-fp8-cudnn": (1, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
+    "graphs": (1, dict(compile="regional", graphs=True)),
+    "fp8": (1, FP8),
+    "fp8-graphs": (1, dict(FP8, graphs=True)),
+    "fp8-cudnn-graphs": (1, dict(FP8, attention="_native_cudnn", graphs=True)),
+    "fp8-cudnn-fused-graphs": (1, dict(FP8, attention="_native_cudnn", fuse_qkv=True, graphs=True)),
+    "fbcache-fp8-graphs": (1, dict(FP8, cache=0.12, graphs=True)),
+    # Memory: each component moves to the GPU when it runs (model), or each layer does (sequential: one timed
+    # call, it streams all weights over PCIe at every step).
+    "offload": (1, dict(offload="model")),
+    "fp8-offload": (1, dict(FP8, offload="model")),
+    "sequential-offload": (1, dict(offload="sequential", vae_tiling=True, repeats=1)),
     "cp": (ALL, {}),
-    "cp-fp8": (ALL, dict(fp8="rowwise", compile="regional")),
-    "cp-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional")),
-    "cp-ring-fp8-cudnn": (ALL, dict(attention="_native_cudnn", fp8="rowwise", compile="regional", ring=True)),
-    "cp-fbcache-fp8-cudnn": (ALL, dict(attention="_native_cudnn", cache=0.12, fp8="rowwise", compile="regional")),
+    "cp-fp8": (ALL, FP8),
+    "cp-fp8-graphs": (ALL, dict(FP8, graphs=True)),
+    "cp-fp8-cudnn-graphs": (ALL, dict(FP8, attention="_native_cudnn", graphs=True)),
+    "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),
+    "cp-fbcache-fp8": (ALL, dict(FP8, cache=0.12)),
+    "cp-fbcache-fp8-graphs": (ALL, dict(FP8, cache=0.12, graphs=True)),
+    # Random weights change 0.4-0.6 from step to step, so 0.6 skips every step after the first: the cost of the
+    # skip path (first block, decision, cached residual) under context parallelism and graphs.
+    "cp-forced-fbcache-fp8-graphs": (ALL, dict(FP8, cache=0.6, graphs=True)),
 }
-# Kernel name patterns for the profile's breakdown of where one image's GPU time goes, tried in this order
-# (inductor's fused kernels name the ops they fuse, e.g. "triton_..._scaled_mm_...", so they come first;
-# cuBLAS's FP8 kernels are "nvjet_..._qqtst_...").
-KERNELS = {"fused elementwise / quantization (triton)": ("triton",), "communication": ("nccl", "all_to_all"),
-           "attention": ("flash", "fmha", "sdpa", "attn", "attention"), "FP8 GEMM": ("qqtst", "f8", "e4m3", "scaled_mm"),
-           "convolution": ("implicit_gemm", "conv", "fprop", "dgrad"),
-           "GEMM (bf16)": ("gemm", "cutlass", "xmma", "nvjet", "sm90")}
 
 
-def run_config(name: str, settings, dist, args, reference) -> dict | None:
+def optimize_kwargs(name: str, world_size: int) -> tuple[int, dict, int | None]:
+    """Processes, `fluxlab.optimize` arguments, and a cap on the timed calls (None: --repeats)."""
     processes, kwargs = LADDER[name]
     kwargs = dict(kwargs)
+    repeats = kwargs.pop("repeats", None)
     if processes == ALL:
         ring = kwargs.pop("ring", False)
-        kwargs["parallel"] = (1, dist.world_size) if ring else (dist.world_size, 1)
-    mine = processes == ALL or dist.is_main
-    result = None
+        kwargs["parallel"] = (1, world_size) if ring else (world_size, 1)
+        processes = world_size
+    return processes, kwargs, repeats
+
+
+def run_config(name: str, settings, world, args, references: dict, traffic) -> dict | None:
+    processes, kwargs, repeats = optimize_kwargs(name, world.world_size)
+    mine = processes > 1 or world.is_main
+    rec = None
     if mine:
-        run_dist = dist if processes == ALL else parallel.Dist(0, 1, dist.device)
-        pipe = fluxlab.load(settings)
+        run_world = world if processes > 1 else parallel.World(0, 1, world.device)
+        pipe = fluxlab.load_pipeline(settings)
         fluxlab.optimize(pipe, **kwargs)
-        with tempfile.TemporaryDirectory() as tmp:
-            rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=tmp, dist=run_dist,
-                                  warmup=args.warmup, repeats=args.repeats)
+        rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=None, world=run_world,
+                              warmup=args.warmup, repeats=min(repeats or args.repeats, args.repeats),
+                              extras={"vae_decode_s": fluxlab.vae_decode_seconds} if args.profile else None)
         latents = fluxlab.generate(pipe, settings, output_type="latent").float().cpu()
-        profiled = profile(pipe, settings) if args.profile and settings.device.type == "cuda" else None
-        if dist.is_main:
-            ref = latents if reference.get("latents") is None else reference["latents"]
-            reference.setdefault("latents", latents)
-            stats = rec.get("cache") or {}
-            result = dict(name=name, label=rec["label"], processes=run_dist.world_size,
-                          s_min=rec["timing"]["min_s"], s_median=rec["timing"]["median_s"],
-                          times_s=rec["timing"]["times_s"], cold_start_s=rec["timing"]["cold_start_s"],
-                          warmup_s=rec["timing"]["warmup_s"], peak_mem_gb=rec["peak_mem_gb"],
-                          skipped_steps=stats.get("skipped"), optimizations=rec["optimizations"], profile=profiled,
-                          latents_rel_error=((latents - ref).norm() / ref.norm()).item())
-            print(f"{name}: {result['s_median']:.3f} s/image (min {result['s_min']:.3f}), cold start "
-                  f"{result['cold_start_s']:.1f} s, peak {result['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
-                  f"{result['latents_rel_error']:.2e}", flush=True)
-        if "compile" in kwargs:
+        per_rank = profiling.every_rank(pipe, settings) if args.profile else None
+        if world.is_main:
+            precision = str(rec["optimizations"].get("fp8"))
+            reference = references.setdefault(precision, (name, latents))
+            rec["extras"].update(latents_rel_error=((latents - reference[1]).norm() / reference[1].norm()).item(),
+                                 latents_reference=reference[0], profile=per_rank)
+            if processes > 1 and traffic:
+                rec["extras"]["all_to_all"] = traffic
+            print(f"{name}: {rec['timing']['median_s']:.3f} s/image (min {rec['timing']['min_s']:.3f}), cold start "
+                  f"{rec['timing']['cold_start_s']:.1f} s, peak {rec['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
+                  f"{rec['extras']['latents_rel_error']:.2e} vs {reference[0]}", flush=True)
+            for rank, b in enumerate(per_rank or []):
+                print(f"    rank {rank}: wall {b['wall_s']:.3f} s, compute {b['compute_s']:.3f}, communication "
+                      f"{b['communication_s']:.3f} (exposed {b['exposed_communication_s']:.3f}), idle "
+                      f"{b['idle_s']:.3f}, {b['kernels']} kernels", flush=True)
+        if "compile" in kwargs and world.is_main:
             print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         del pipe
         torch._dynamo.reset()  # the next configuration compiles from scratch (the on-disk inductor cache aside)
         gc.collect()
         torch.cuda.empty_cache()
     parallel.barrier()
-    return result
-
-
-def profile(pipe, settings) -> dict:
-    """Where one image's GPU time goes: kernel seconds per category (torch.profiler), and their sum (kernels on
-    overlapping streams, e.g. communication, count in full)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fluxlab.generate(pipe, settings)
-        torch.cuda.synchronize()
-    totals, kernels = {}, {}
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA or event.name.startswith("nccl:"):  # NCCL's range, not a kernel
-            continue
-        seconds = event.time_range.elapsed_us() / 1e6
-        name = event.name.lower()
-        category = next((c for c, keys in KERNELS.items() if any(k in name for k in keys)), "other")
-        totals[category] = totals.get(category, 0.0) + seconds
-        kernels[event.name[:120]] = kernels.get(event.name[:120], 0.0) + seconds
-    totals = {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    return dict(kernel_s=round(sum(totals.values()), 4), by_category_s=totals,
-                top_kernels_s={k: round(v, 4) for k, v in top})
-
-
-def summary(results: list[dict], settings, dist, provenance: dict) -> dict:
-    base = results[0]["s_median"]
-    for r in results:
-        r["ratio_vs_baseline"] = base / r["s_median"]
-    return dict(device=provenance["device_name"], world_size=dist.world_size, height=settings.height,
-                width=settings.width, steps=settings.steps, guidance=settings.guidance, prompt=settings.prompt,
-                model_source=settings.source.label, scope="text encoding + denoising + VAE decode", configs=results,
-                provenance=provenance)
+    return rec if world.is_main else None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="baseline,compile,fp8,fp8-cudnn-fused,fp8-cudnn-fused-vae",
-                        help=f"comma-separated, from {list(LADDER)}; 'baseline' is always run first")
+    parser.add_argument("--configs", default="baseline,compile,fp8,fp8-graphs",
+                        help=f"comma-separated, from {list(LADDER)}; the first is the reference")
     parser.add_argument("--source", default="flux-dev-random")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "book" / "results"))
-    parser.add_argument("--profile", action="store_true", help="also record each configuration's GPU time by kernel kind")
+    parser.add_argument("--profile", action="store_true",
+                        help="per process: compute / exposed communication / idle of one image; bare all-to-all")
     args = parser.parse_args()
-    names = ["baseline"] + [c for c in args.configs.split(",") if c and c != "baseline"]
+    names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in LADDER]
-    if unknown:
-        raise SystemExit(f"error: unknown configuration(s) {unknown}; allowed: {list(LADDER)}")
     try:
-        settings = fluxlab.settings(args.source, steps=args.steps, height=args.height, width=args.width)
-        dist = parallel.init(settings.device)
+        if not names or unknown:
+            raise ValueError(f"unknown or no configuration(s) {unknown}; allowed: {list(LADDER)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a configuration is listed twice: {names}")
+        settings = fluxlab.check_settings(args.source, steps=args.steps, height=args.height, width=args.width)
+        for name in names:
+            fluxlab.check_options(**{k: v for k, v in LADDER[name][1].items()
+                                     if k in ("cache", "fp8", "compile", "graphs", "offload")},
+                                  device=settings.device)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if any(LADDER[c][0] == ALL for c in names):
-            if dist.world_size < 2:
+            if world_size < 2:
                 raise ValueError("context-parallel configurations need torchrun with 2 or more processes")
-            parallel.check_split(settings, dist.world_size, dist.world_size)
+            parallel.check_split(settings, world_size, world_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    settings = settings.on(dist.device)
-    reference, results = {}, []
-    provenance = records.provenance(settings.device, dist.world_size)
-    final = Path(args.out) / f"bench-{dist.world_size}gpu.json"
+    world = parallel.init(settings.device)
+    settings = settings.on(world.device)
+    traffic = None
+    if args.profile and world.world_size > 1 and settings.device.type == "cuda":
+        config = settings_module.transformer_config(settings.source)
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        blocks = config["num_layers"] + config["num_single_layers"]
+        traffic = profiling.ulysses_traffic(settings, world.world_size, blocks, inner, torch.bfloat16, world.device)
+        if world.is_main:
+            print(f"bare all-to-all of one Ulysses tensor ({traffic['bytes_per_process'] / 1e6:.1f} MB per process): "
+                  f"{traffic['ms_median']:.3f} ms median, {traffic['sent_gb_s']:.0f} GB/s sent per process; "
+                  f"one image's Ulysses traffic at that speed: {traffic['per_image_s']:.3f} s", flush=True)
+    final = Path(args.out) / f"bench-{world.world_size}gpu.json"
     partial = final.with_name(final.stem + ".partial.json")
+    done, references = [], {}
     for name in names:
-        result = run_config(name, settings, dist, args, reference)
-        if result:
-            results.append(result)
-            # progress after each configuration, apart from the last complete record
-            records.replace_atomically(partial, json.dumps(summary(results, settings, dist, provenance), indent=1).encode())
-    if not dist.is_main:
+        rec = run_config(name, settings, world, args, references, traffic)
+        if rec:
+            done.append(rec)
+            records.write(partial, done)  # progress, apart from the last complete file
+    if not world.is_main:
         return
-    out = records.replace_atomically(final, json.dumps(summary(results, settings, dist, provenance), indent=1).encode())
+    records.write(final, done)
     partial.unlink()
-    print(f"\n{'config':<22}{'procs':>6}{'median s':>10}{'min s':>8}{'ratio':>7}{'cold s':>8}{'peak GB':>9}")
-    for r in results:
-        print(f"{r['name']:<22}{r['processes']:>6}{r['s_median']:>10.3f}{r['s_min']:>8.3f}{r['ratio_vs_baseline']:>7.2f}"
-              f"{r['cold_start_s']:>8.1f}{r['peak_mem_gb'] or 0:>9.1f}")
-        if r["profile"]:
-            print(f"    kernels {r['profile']['kernel_s']:.3f} s: " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in r["profile"]["by_category_s"].items()))
-    print(f"wrote {out}")
+    reference = done[0]["timing"]["median_s"]
+    print(f"\n{'config':<26}{'procs':>6}{'median s':>10}{'min s':>8}{'vs ' + names[0]:>16}{'cold s':>8}{'peak GB':>9}")
+    for r in done:
+        t = r["timing"]
+        print(f"{r['name']:<26}{r['processes']:>6}{t['median_s']:>10.3f}{t['min_s']:>8.3f}"
+              f"{reference / t['median_s']:>15.2f}x{t['cold_start_s']:>8.1f}{r['peak_mem_gb'] or 0:>9.1f}")
+    print(f"wrote {final}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The three model sources: the real FLUX.1-dev, its architecture with random weights, the bundled tiny pipeline."""
+"""Load a pipeline from one of the three model sources (the real FLUX.1-dev, its architecture with random weights,
+the bundled tiny pipeline) and generate an image with it."""
 import contextlib
 import gc
 import json
+import os
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -19,17 +22,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load(settings: Settings, dtype: torch.dtype | None = None) -> FluxPipeline:
+def show_progress() -> bool:
+    """diffusers' denoising progress bar, for people running a notebook by hand; the book's runner turns it off
+    (FLUXLAB_PROGRESS=0) so that executed pages do not show it."""
+    return os.environ.get("FLUXLAB_PROGRESS", "1") != "0"
+
+
+def load_pipeline(settings: Settings, dtype: torch.dtype | None = None) -> FluxPipeline:
     """The pipeline named by `settings.source`, on `settings.device`; bf16 on GPU, float32 on CPU."""
     dtype = dtype or default_dtype(settings.device)
+    if not show_progress():  # diffusers' loading bars too
+        diffusers.utils.logging.disable_progress_bar()
     source = settings.source
     if source.kind == "flux-dev-random":
         pipe = flux_dev_random(settings.device, dtype, seed=settings.seed)
     else:
         location = TINY_DIR if source.kind == "tiny" else source.location
         pipe = from_pretrained(str(location), dtype).to(settings.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not show_progress())
     return pipe
+
+
+def generate(pipe, settings: Settings, output_type: str = "pil"):
+    """One seeded pipeline call (the same seed gives the same image on every rank and every repeat)."""
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    return pipe(**settings.pipe_kwargs(), generator=generator, output_type=output_type).images[0]
 
 
 def free_memory() -> None:

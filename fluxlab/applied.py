@@ -1,0 +1,87 @@
+"""What has been done to a pipeline, read off the pipeline itself: records describe what ran, whichever code (a
+chapter's own library calls or `fluxlab.optimize`) applied it."""
+import torch
+
+from . import cache, quant
+
+
+def _compile_scope(pipe) -> str | None:
+    transformer = pipe.transformer
+    if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule) or transformer._compiled_call_impl:
+        return "full"
+    capture = getattr(transformer, "_fluxlab_capture", None)
+    if capture is not None and capture.compiled:
+        return "regional"
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()):
+        return "regional"
+    return None
+
+
+def applied(pipe) -> dict:
+    """The optimizations present on `pipe`, by name: attention backend, fused QKV, context parallel, CUDA graphs,
+    First Block Cache, FP8, torch.compile and a channels-last VAE. Absent ones are left out."""
+    transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+    done = {}
+    backends = {getattr(p, "_attention_backend", None) for p in transformer.attn_processors.values()} - {None}
+    if backends:
+        done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
+    if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
+        done["fuse_qkv"] = True
+    config = getattr(transformer, "_parallel_config", None)
+    if config is not None and config.context_parallel_config is not None:
+        cp = config.context_parallel_config
+        done["parallel"] = dict(ulysses=cp.ulysses_degree, ring=cp.ring_degree)
+    capture = getattr(transformer, "_fluxlab_capture", None)
+    if capture is not None:
+        done["graphs"] = dict(cuda_graphs=capture.enabled, blocks_compiled=capture.compiled)
+    hook = cache.leader_hook(transformer)
+    if hook is not None:
+        done["cache"] = dict(kind="first_block_cache", threshold=float(hook.threshold),
+                             decision="all ranks" if cache.stats(transformer) else "per rank (diffusers)")
+    for name, model in (("fp8", transformer), ("fp8_text_encoder", pipe.text_encoder_2)):
+        state = quant.fp8_state(model)
+        if state:
+            done[name] = state
+    scope = _compile_scope(pipe)
+    if scope:
+        done["compile"] = dict(scope=scope)
+    if getattr(pipe.vae, "use_tiling", False):
+        done["vae_tiling"] = True
+    hooks = [getattr(m, "_hf_hook", None) for m in (pipe.transformer, pipe.vae)]
+    if any(type(h).__name__ == "CpuOffload" for h in hooks):
+        done["offload"] = "model"
+    elif any(h is not None for h in hooks):
+        done["offload"] = "sequential"
+    conv = pipe.vae.decoder.conv_in.weight
+    if conv.dim() == 4 and conv.shape[1] > 1 and conv.is_contiguous(memory_format=torch.channels_last) \
+            and not conv.is_contiguous():
+        done["channels_last_vae"] = True
+    return done
+
+
+def describe(done: dict, processes: int = 1) -> str:
+    """A short name for tables, e.g. 'FBCache 0.12 + FP8 DQ rowwise + compile (regional) + CUDA graphs + CP x2'."""
+    parts = []
+    if "cache" in done:
+        parts.append(f"FBCache {done['cache']['threshold']:g}")
+    if "fp8" in done:
+        fp8 = done["fp8"]
+        parts.append(f"FP8 DQ {fp8['granularity']}" if fp8["dynamic_activation"] else "FP8 weight-only")
+    if "compile" in done:
+        parts.append(f"compile ({done['compile']['scope']})")
+    if done.get("graphs", {}).get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    if "attention" in done:
+        parts.append(f"attention {done['attention'].strip('_')}")
+    if "fuse_qkv" in done:
+        parts.append("fused QKV")
+    if "channels_last_vae" in done:
+        parts.append("channels-last VAE")
+    if "vae_tiling" in done:
+        parts.append("tiled VAE")
+    if "offload" in done:
+        parts.append(f"{done['offload']} CPU offload")
+    if "parallel" in done:
+        p = done["parallel"]
+        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']})")
+    return " + ".join(parts) or "baseline"

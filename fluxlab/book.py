@@ -1,0 +1,63 @@
+"""The book's table of chapters (`book/chapters.toml`): what each chapter needs, and how long it took where it ran."""
+import json
+import tomllib
+from pathlib import Path
+
+from IPython.display import Markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = ROOT / "book" / "chapters.toml"
+PUBLISHED = ROOT / "book" / "published"
+FULL_SIZE = ("flux-dev-random", "real")  # sources with FLUX.1-dev's size
+
+
+def chapters() -> list[dict]:
+    return tomllib.loads(CHAPTERS.read_text())["chapter"]
+
+
+def chapter(name: str) -> dict:
+    found = [c for c in chapters() if c["name"] == name]
+    if not found:
+        raise ValueError(f"unknown chapter {name!r}; allowed: {[c['name'] for c in chapters()]}")
+    return found[0]
+
+
+def runs(out: Path) -> dict:
+    """The runner's log of chapters executed into `out` (name -> status, duration, processes, device)."""
+    path = Path(out) / "chapters.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_device(ch: dict, source_kind: str, device) -> None:
+    """Refuse a chapter that cannot run here: the full-size model on a CPU, or on a GPU with too little memory."""
+    need = ch.get("gpu_memory_gb")
+    if not need or source_kind not in FULL_SIZE:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"chapter {ch['name']} with the full-size model needs a CUDA GPU with {need} GB (it holds "
+                         f"FLUX.1-dev's 12 B parameters); on {device.type} use model_source='tiny'.")
+    import torch
+
+    have = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if have < need:
+        raise ValueError(f"chapter {ch['name']} with the full-size model needs {need} GB of GPU memory; "
+                         f"{torch.cuda.get_device_name(device)} has {have:.0f} GB.")
+
+
+def needs(name: str, results_dir: str | Path) -> Markdown:
+    """What the chapter needs and how long it took: the published GPU run and this folder's last run."""
+    ch = chapter(name)
+    if ch.get("gpu_memory_gb"):
+        hardware = (f"a CPU (the bundled `tiny` pipeline) or, for the full-size model, a CUDA GPU with "
+                    f"{ch['gpu_memory_gb']} GB")
+    else:
+        hardware = "any machine: this page only reads the records of earlier runs"
+    if ch["processes"] == "torchrun":
+        hardware += "; it runs under `torchrun`, one process per GPU (2 CPU processes by default)"
+    lines = [f"**What you need:** {hardware}."]
+    for label, out in (("Published run", PUBLISHED), ("Last run here", Path(results_dir).resolve().parent)):
+        run = runs(out).get(name)
+        if run and run.get("status") == "ok":
+            where = run.get("device") or "—"
+            lines.append(f"**{label}:** {run['duration_s']:.0f} s on {run.get('processes', 1)}x {where}.")
+    return Markdown("  \n".join(lines))
