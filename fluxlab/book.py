@@ -55,9 +55,10 @@ def needs(name: str, results_dir: str | Path) -> Markdown:
     if ch["processes"] == "torchrun":
         hardware += "; it runs under `torchrun`, one process per GPU (2 CPU processes by default)"
     lines = [f"**What you need:** {hardware}."]
-    for label, out in (("Published run", PUBLISHED), ("Last run here", Path(results_dir).resolve().parent)):
+    here = Path(results_dir).resolve().parent
+    for label, out in (("Published run", PUBLISHED), ("Last run here", here)):
         run = runs(out).get(name)
-        if run and run.get("status") == "ok":
-            where = run.get("device") or "—"
-            lines.append(f"**{label}:** {run['duration_s']:.0f} s on {run.get('processes', 1)}x {where}.")
+        if run and run.get("status") == "ok" and (label == "Published run" or here != PUBLISHED.resolve()):
+            where = f" on {run.get('processes', 1)}x {run['device']}" if run.get("device") else ""
+            lines.append(f"**{label}:** {run['duration_s']:.0f} s{where}.")
     return Markdown("  \n".join(lines))

@@ -241,6 +241,7 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
                      f"| {ch.get('processes', 1)} | {prov.get('device_name', '—')} "
                      f"| {', '.join(sorted({r['model_source'] for r in records if r['chapter'] == ch['name']})) or '—'} "
                      f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
+    lines += [f"\n*{ch['name']}: {ch['note']}.*" for ch in chapters if ch.get("note")]
     if records:
         prov = records[-1]["provenance"]
         lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
