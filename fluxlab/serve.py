@@ -132,8 +132,10 @@ class Pool:
     """`config.nproc` worker processes serving one request at a time, in arrival order."""
 
     def __init__(self, config: PoolConfig, limits: Limits = SERVER_LIMITS, start_timeout_s: float = 900,
-                 request_timeout_s: float = 600, grace_s: float = 30):
+                 request_timeout_s: float = 600, grace_s: float = 30, worker=None):
+        """`worker`: the function each process runs (default `_worker`; the tests pass one that fails on cue)."""
         started = time.perf_counter()
+        self.worker = worker or _worker
         self.base = config.check()
         self.config, self.limits = config, limits
         self.world_size = config.nproc
@@ -153,7 +155,7 @@ class Pool:
         self.results = ctx.Queue()
         self.requests = [ctx.Queue() for _ in range(self.world_size)]
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, port, self.config, self.requests[r], self.results),
+        self.procs = [ctx.Process(target=self.worker, args=(r, port, self.config, self.requests[r], self.results),
                                   daemon=True) for r in range(self.world_size)]
         for p in self.procs:
             p.start()
@@ -220,10 +222,10 @@ class Pool:
                 self.failed += 1
                 raise PoolError(f"the request failed: {failed[0]}", HTTPStatus.INTERNAL_SERVER_ERROR)
             dead = self._dead()
-            if failed:
+            if dead:
+                reason = dead + (f" ({failed[0]})" if failed else "")
+            elif failed:
                 reason = f"the request failed on some processes ({failed[0]}) while others waited"
-            elif dead:
-                reason = dead
             else:
                 reason = f"the request did not finish within {self.request_timeout_s:.0f} s and was cancelled"
             self._restart(reason)

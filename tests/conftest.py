@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny():
     """Settings for a short tiny-source run on CPU."""
-    return fluxlab.settings("tiny", device="cpu", steps=8)
+    return fluxlab.check_settings("tiny", device="cpu", steps=8)
 
 
 @pytest.fixture
 def tiny_pipe(tiny):
-    return fluxlab.load(tiny)
+    return fluxlab.load_pipeline(tiny)
 
 
 def latents(pipe, settings) -> torch.Tensor:

@@ -1,9 +1,38 @@
+"""fluxlab.optimize composes the chapters' library calls; fluxlab.applied reads the result off the pipeline."""
 import numpy as np
 import pytest
 import torch
+from diffusers import FirstBlockCacheConfig
 
 import fluxlab
-from fluxlab.optimize import describe
+from fluxlab import quant, shapes
+
+from conftest import latents
+
+
+def test_optimize_and_the_chapters_calls_give_the_same_pipeline(tiny):
+    """What chapter 3 does by hand (cache, FP8, regional compile) and what optimize does are one state."""
+    by_hand, composed = fluxlab.load_pipeline(tiny), fluxlab.load_pipeline(tiny)
+    by_hand.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.12))
+    fluxlab.cache.share_decision(by_hand.transformer)
+    quant.quantize_fp8(by_hand, "rowwise")
+    by_hand.transformer.compile_repeated_blocks(fullgraph=False)
+    done = fluxlab.optimize(composed, cache=0.12, fp8="rowwise", compile="regional")
+    assert done == fluxlab.applied(by_hand) == {
+        "cache": dict(kind="first_block_cache", threshold=0.12, decision="all ranks"),
+        "fp8": dict(dynamic_activation=False, granularity="rowwise"),
+        "fp8_text_encoder": dict(dynamic_activation=False, granularity="rowwise"),
+        "compile": dict(scope="regional")}
+    assert fluxlab.describe(done) == "FBCache 0.12 + FP8 weight-only + compile (regional)"
+    assert fluxlab.applied(fluxlab.load_pipeline(tiny)) == {}
+
+
+def test_options_apply_once_and_in_order(tiny_pipe):
+    fluxlab.optimize(tiny_pipe, cache=0.1)
+    with pytest.raises(ValueError, match="cache was already applied"):
+        fluxlab.optimize(tiny_pipe, cache=0.2)
+    with pytest.raises(ValueError, match="apply CUDA graphs before First Block Cache"):
+        fluxlab.optimize(tiny_pipe, graphs=True)
 
 
 def test_channels_last_vae_decodes_the_same_image(tiny, tiny_pipe):
@@ -11,8 +40,47 @@ def test_channels_last_vae_decodes_the_same_image(tiny, tiny_pipe):
     done = fluxlab.optimize(tiny_pipe, channels_last_vae=True)
     assert done == {"channels_last_vae": True}
     assert tiny_pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    image = np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16)
-    assert np.abs(image - reference).max() <= 1
-    assert describe(done) == "channels-last VAE"
-    with pytest.raises(ValueError, match="channels_last_vae was already applied"):
-        fluxlab.optimize(tiny_pipe, channels_last_vae=True)
+    assert np.abs(np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16) - reference).max() <= 1
+
+
+def test_tiled_vae_decodes_the_same_picture(tiny, tiny_pipe):
+    reference = fluxlab.generate(tiny_pipe, tiny)
+    done = fluxlab.optimize(tiny_pipe, vae_tiling=True)
+    assert done == {"vae_tiling": True} and fluxlab.describe(done) == "tiled VAE"
+    image = fluxlab.generate(tiny_pipe, tiny)
+    # The tiny VAE decodes in 32-pixel tiles (its sample size) and blends their seams: the same picture, not the
+    # same pixels (mean difference 13 of 255 measured).
+    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    assert 0 < diff.mean() < 20
+    assert shapes.read(image) == shapes.read(reference) == dict(background="blue", colour="yellow", shape="circle")
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_refuses_a_cpu_clearly(tiny_pipe, offload):
+    with pytest.raises(ValueError, match=f"offload='{offload}' moves weights between the CPU and a GPU"):
+        fluxlab.optimize(tiny_pipe, offload=offload)
+    assert fluxlab.applied(tiny_pipe) == {}
+
+
+def test_graphs_on_cpu_fall_back_with_a_notice_and_compute_the_same(tiny, tiny_pipe, capsys):
+    reference = latents(tiny_pipe, tiny)
+    plain = fluxlab.load_pipeline(tiny)
+    done = fluxlab.optimize(plain, graphs=True, cache=0.0)
+    assert "CUDA graphs need a CUDA device: on cpu the blocks run without graphs." in capsys.readouterr().out
+    assert done["graphs"] == dict(cuda_graphs=False, blocks_compiled=False)
+    assert torch.equal(latents(plain, tiny), reference)
+
+
+def test_graphs_go_beneath_the_cache(tiny, tiny_pipe):
+    reference_pipe = fluxlab.load_pipeline(tiny)
+    fluxlab.cache.enable(reference_pipe.transformer, 0.3)
+    reference = latents(reference_pipe, tiny)
+    fluxlab.graphs.capture_blocks(tiny_pipe.transformer, compile=False)
+    fluxlab.cache.enable(tiny_pipe.transformer, 0.3)
+    out = latents(tiny_pipe, tiny)
+    assert fluxlab.cache.stats(tiny_pipe.transformer).summary()["skipped"] > 0
+    assert torch.equal(out, reference)  # the cache's hooks run around the (plain) block calls, as without
+    other = fluxlab.load_pipeline(tiny)
+    fluxlab.cache.enable(other.transformer, 0.3)
+    with pytest.raises(ValueError, match="apply CUDA graphs before First Block Cache"):
+        fluxlab.graphs.capture_blocks(other.transformer)

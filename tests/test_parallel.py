@@ -1,6 +1,7 @@
 """Context parallelism on CPU processes (gloo), against a single process."""
 import json
 import subprocess
+import sys
 import time
 
 import nbformat
@@ -18,20 +19,53 @@ def _outputs(prefix, nproc):
     return [torch.load(f"{prefix}.rank{r}") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("nproc, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 1, 4), (4, 2, 2)])
+@pytest.mark.parametrize("nproc, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 1, 4), (4, 2, 2), (8, 1, 8), (8, 2, 4)])
 def test_context_parallel_matches_one_process(tmp_path, tiny, tiny_pipe, nproc, ulysses, ring):
-    result = torchrun(nproc, WORKER, tmp_path / "out", ulysses, ring)
+    result = torchrun(nproc, WORKER, tmp_path / "out", ulysses, ring, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = latents(tiny_pipe, tiny)
     for out in _outputs(tmp_path / "out", nproc):
         assert (out["latents"] - reference).abs().max().item() <= 1e-4
+        assert out["applied"]["parallel"] == dict(ulysses=ulysses, ring=ring)
+
+
+def test_eight_processes_refuse_what_does_not_split(tmp_path):
+    """The tiny pipeline has 6 attention heads: Ulysses over 8 processes cannot split them; the runner refuses
+    before anything runs, naming splits that work (ring 8 and ulysses 2 x ring 4 pass the test above)."""
+    out = ROOT / "book" / f"test-{tmp_path.name}"
+    result = subprocess.run([sys.executable, "scripts/run_book.py", "--out", out, "--chapters", "04_context_parallel",
+                             "--nproc", "8"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode != 0 and not out.exists()
+    assert "6 attention heads do not split over ulysses_degree=8" in result.stderr
+    assert "ulysses_degree x ring_degree = 1 x 8 or 2 x 4" in result.stderr
+
+
+def test_graphs_and_the_shared_cache_under_context_parallelism(tmp_path, tiny):
+    """The fast path's plumbing on CPU: graphs fall back to plain block calls beneath the cache's hooks; with a
+    threshold that skips, every rank takes the same decisions and the latents match one process's."""
+    one = fluxlab.load_pipeline(tiny)
+    stats = fluxlab.cache.enable(one.transformer, 0.0)
+    latents(one, tiny)
+    diffs = sorted(d for _, d, _ in stats.runs[-1] if d is not None)
+    threshold = diffs[len(diffs) // 2]
+    one.transformer.disable_cache()
+    fluxlab.cache.enable(one.transformer, threshold)
+    reference = latents(one, tiny)
+    expected = [c for _, _, c in fluxlab.cache.stats(one.transformer).runs[-1]]
+    result = torchrun(2, WORKER, tmp_path / "out", 2, 1, threshold, "graphs", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CUDA graphs need a CUDA device" in result.stdout
+    for out in _outputs(tmp_path / "out", 2):
+        assert out["decisions"] == expected and False in expected
+        assert (out["latents"] - reference).abs().max().item() <= 1e-4
+        assert out["applied"]["graphs"] == dict(cuda_graphs=False, blocks_compiled=False)
 
 
 def test_cache_decisions_are_identical_on_every_rank(tmp_path, tiny, tiny_pipe):
     # A threshold at the median step difference of this model, so that some steps are skipped.
     fluxlab.optimize(tiny_pipe, cache=0.0)
     latents(tiny_pipe, tiny)
-    diffs = sorted(d for _, d, _ in fluxlab.cache_stats(tiny_pipe).runs[-1] if d is not None)
+    diffs = sorted(d for _, d, _ in fluxlab.cache.stats(tiny_pipe.transformer).runs[-1] if d is not None)
     threshold = diffs[len(diffs) // 2]
     result = torchrun(2, WORKER, tmp_path / "out", 2, 1, threshold, timeout=120,
                       env={"FLUXLAB_DIST_TIMEOUT_S": "60"})
@@ -64,7 +98,7 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     before = _kernels()
     start = time.monotonic()
     result = torchrun(2, ROOT / "scripts" / "run_book.py", "--execute-rank", notebook, tmp_path, json.dumps({}),
-                      600, timeout=180)
+                      600, "null", timeout=180)
     assert result.returncode != 0
     assert time.monotonic() - start < 120
     assert "rank 1 failed on purpose" in result.stdout + result.stderr
