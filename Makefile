@@ -1,14 +1,16 @@
-# make book     execute every chapter on the embedded default (tiny source, CPU) and build the HTML book
-# make publish  render the committed GPU-executed chapters (book/published) without executing anything
-# make test     run the test suite
+# make book       execute every chapter on the embedded default (tiny source, CPU) and build the HTML book
+# make lab        open the chapters in JupyterLab (run them cell by cell; ipywidgets included)
+# make publish    render the committed GPU-executed chapters (book/published) without executing anything
+# make test       run the test suite
 # make adherence  score the tiny pipeline on held-out prompts (last line: adherence: K/N)
-# Both set up .venv first (Python 3.11; pins in pyproject.toml and requirements.txt).
+# All set up .venv first (Python 3.11; pins in pyproject.toml and requirements.txt).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: book publish test adherence clean
+.PHONY: book lab publish test adherence clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,9 @@ $(STAMP): pyproject.toml requirements.txt
 
 book: $(STAMP)
 	$(BIN)/python scripts/run_book.py $(ARGS)
+
+lab: $(STAMP)
+	$(BIN)/python -m jupyterlab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(ROOT_FLAG) $(ARGS)
 
 publish: $(STAMP)
 	$(BIN)/python scripts/run_book.py --out book/published --build-only --path-output _build/published \

@@ -5,10 +5,11 @@ from pathlib import Path
 
 from IPython.display import Markdown
 
+from .settings import transformer_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "book" / "chapters.toml"
 PUBLISHED = ROOT / "book" / "published"
-FULL_SIZE = ("flux-dev-random", "real")  # sources with FLUX.1-dev's size
 
 
 def chapters() -> list[dict]:
@@ -28,10 +29,16 @@ def runs(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def check_device(ch: dict, source_kind: str, device) -> None:
+def full_size(source) -> bool:
+    """FLUX.1-dev's size (a 3072-wide transformer), read from the source's config without loading weights."""
+    config = transformer_config(source)
+    return config["num_attention_heads"] * config["attention_head_dim"] >= 3072
+
+
+def check_device(ch: dict, source, device) -> None:
     """Refuse a chapter that cannot run here: the full-size model on a CPU, or on a GPU with too little memory."""
     need = ch.get("gpu_memory_gb")
-    if not need or source_kind not in FULL_SIZE:
+    if not need or not full_size(source):
         return
     if device.type != "cuda":
         raise ValueError(f"chapter {ch['name']} with the full-size model needs a CUDA GPU with {need} GB (it holds "

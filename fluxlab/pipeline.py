@@ -31,7 +31,9 @@ def show_progress() -> bool:
 def load_pipeline(settings: Settings, dtype: torch.dtype | None = None) -> FluxPipeline:
     """The pipeline named by `settings.source`, on `settings.device`; bf16 on GPU, float32 on CPU."""
     dtype = dtype or default_dtype(settings.device)
-    if not show_progress():  # diffusers' loading bars too
+    if show_progress():  # diffusers' loading bars follow the same switch
+        diffusers.utils.logging.enable_progress_bar()
+    else:
         diffusers.utils.logging.disable_progress_bar()
     source = settings.source
     if source.kind == "flux-dev-random":

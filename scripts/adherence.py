@@ -31,23 +31,23 @@ def main():
     args = parser.parse_args()
     configs = {c: parse(c) for c in args.configs.split(",") if c}
     try:
-        settings = fluxlab.settings("tiny", device="cpu", steps=args.steps, guidance=args.guidance)
+        settings = fluxlab.check_settings("tiny", device="cpu", steps=args.steps, guidance=args.guidance)
         for kwargs in configs.values():
             fluxlab.check_options(**kwargs)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     for name, kwargs in configs.items():
-        pipe = fluxlab.load(settings)
+        pipe = fluxlab.load_pipeline(settings)
         fluxlab.optimize(pipe, **kwargs)
         score = shapes.adherence(pipe, settings)
-        stats = fluxlab.cache_stats(pipe)
+        stats = fluxlab.cache.stats(pipe.transformer)
         skipped = ""
         if stats:
             counts = stats.skipped_counts()
             skipped = f", skipped {min(counts)}-{max(counts)} of {settings.steps} steps (mean {sum(counts) / len(counts):.1f})"
         print(f"{name}: {score['adherent']}/{score['prompts']} adherent (background {score['background']}, colour "
               f"{score['colour']}, shape {score['shape']}){skipped}", flush=True)
-    score = shapes.adherence(fluxlab.load(settings), settings)
+    score = shapes.adherence(fluxlab.load_pipeline(settings), settings)
     print(f"baseline: background {score['background']}, colour {score['colour']}, shape {score['shape']}")
     print(f"adherence: {score['adherent']}/{score['prompts']}")
 

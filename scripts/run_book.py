@@ -90,7 +90,7 @@ def validate(params: dict, selected: list[dict], nproc: int) -> None:
                 if torch.cuda.device_count() < nproc:
                     raise ValueError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) here")
         for c in selected:
-            book.check_device(c, settings.source.kind, settings.device)
+            book.check_device(c, settings.source, settings.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from fluxlab import shapes
+from fluxlab.pipeline import build_pipeline
 from fluxlab.settings import TINY_DIR
-from fluxlab.sources import build_pipeline
 
 RESOLUTION = 128
 MAX_SEQUENCE_LENGTH = 64
