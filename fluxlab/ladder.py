@@ -1,5 +1,6 @@
 """The optimization ladder from `scripts/bench.py`'s records: tables, where the GPU time goes, and a verdict against
 targets the page states."""
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,9 +40,11 @@ def heading(run: dict) -> str:
     prov = first["provenance"]
     state = "" if run["complete"] else " · **incomplete run**: it stopped before its last configuration"
     links = f" · GPU links: {prov.get('gpu_links') or 'not recorded'}" if run["world_size"] > 1 and prov.get("cuda") else ""
+    commit = prov["git_commit"]
+    commit = f"commit `{commit[:12]}`" if re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) else f"code: `{commit}`"
     return (f"**{run['world_size']}x {prov['device_name']}** · {first['model_source']} · "
             f"{first['settings']['height']}x{first['settings']['width']}, {first['settings']['steps']} steps · "
-            f"commit `{prov['git_commit'][:12]}` · {prov['date_utc']} · `{run['path']}`{links}{state}")
+            f"{commit} · {prov['date_utc']} · `{run['path']}`{links}{state}")
 
 
 def table(run: dict) -> Markdown:
