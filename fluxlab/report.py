@@ -238,7 +238,7 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
         rec = newest.get(ch["name"])
         prov = rec["provenance"] if rec else {}
         lines.append(f"| {ch['name']} | {ch['status']} | {_fmt(ch.get('duration_s'), '.0f')} "
-                     f"| {ch.get('processes', 1)} | {prov.get('device_name', '—')} "
+                     f"| {ch.get('processes', 1)} | {prov.get('device_name') or ch.get('device') or '—'} "
                      f"| {', '.join(sorted({r['model_source'] for r in records if r['chapter'] == ch['name']})) or '—'} "
                      f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
     lines += [f"\n*{ch['name']}: {ch['note']}.*" for ch in chapters if ch.get("note")]
