@@ -29,7 +29,6 @@ class Capture:
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self.stream = torch.cuda.Stream(device) if self.enabled else None
         self.outputs: set[int] = set()
-        self.graphs = 0
 
 
 class BlockGraph(ModelHook):
@@ -78,7 +77,6 @@ class BlockGraph(ModelHook):
             out = self.run(module, *args, **kwargs)
         cap.outputs.update(t.data_ptr() for t in tree_flatten(out)[0]
                            if isinstance(t, torch.Tensor))
-        cap.graphs += 1
         return graph, static, out
 
 
