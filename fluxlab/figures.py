@@ -116,7 +116,7 @@ def rank_time(recs: list[dict]):
         left += widths
     ax.invert_yaxis()
     ax.set_xlabel("seconds of one profiled image (under the profiler)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"{recs[0]['provenance']['device_name']}: where each process's time goes", fontsize=8)
     fig.tight_layout()
     return fig
