@@ -114,13 +114,13 @@ def measure(pipe, settings: Settings, *, name: str, chapter: str, output_dir: st
         for _ in range(repeats):
             seconds, image = timed_call(pipe, settings, world)
             times.append(seconds)
-        peak = torch.cuda.max_memory_allocated(settings.device) / 1e9 if settings.device.type == "cuda" else None
-        reserved = torch.cuda.max_memory_reserved(settings.device) / 1e9 if settings.device.type == "cuda" else None
         stats = cache.stats(pipe.transformer)
         summary = stats.summary() if stats else None
-        measured = {key: fn(pipe, settings) for key, fn in (extras or {}).items()}
-        if reserved is not None:
-            measured["peak_reserved_gb"] = reserved
+        peak, memory = None, {}
+        if settings.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(settings.device) / 1e9
+            memory["peak_reserved_gb"] = torch.cuda.max_memory_reserved(settings.device) / 1e9
+        measured = {key: fn(pipe, settings) for key, fn in (extras or {}).items()} | memory
     finally:
         pipe.set_progress_bar_config(**bar)
     rec = record(name=name, chapter=chapter, settings=settings, optimizations=applied(pipe),

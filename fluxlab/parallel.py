@@ -83,6 +83,12 @@ def check_split(settings, world_size: int, ulysses: int) -> None:
                          + ". This works instead: " + "; ".join(fixes) + ".")
 
 
+def check_gpus(device: torch.device, processes: int) -> None:
+    """One GPU per process: refuse more processes than this machine has GPUs."""
+    if device.type == "cuda" and torch.cuda.device_count() < processes:
+        raise ValueError(f"{processes} processes: only {torch.cuda.device_count()} GPU(s) here (one per process)")
+
+
 def ring_backend(device: torch.device) -> str:
     """Ring attention merges partial results with their log-sum-exp, which only flash/cuDNN kernels return."""
     return "_native_cudnn" if device.type == "cuda" else "_native_flash"

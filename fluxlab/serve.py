@@ -34,7 +34,7 @@ from . import parallel
 from .applied import applied, describe
 from .measuring import record, save, timing
 from .optimize import optimize
-from .pipeline import generate, load_pipeline
+from .pipeline import default_dtype, generate, load_pipeline
 from .optimize import check as check_options
 from .settings import SERVER_LIMITS, Limits, check_int, check_number
 from .settings import check as check_settings
@@ -70,8 +70,7 @@ class PoolConfig:
         base = check_settings(self.model_source, self.device)
         if self.nproc > 1:
             parallel.check_split(base, self.nproc, self.nproc)
-            if base.device.type == "cuda" and torch.cuda.device_count() < self.nproc:
-                raise ValueError(f"nproc={self.nproc}: only {torch.cuda.device_count()} GPU(s) here")
+            parallel.check_gpus(base.device, self.nproc)
         return base
 
     def optimizations(self) -> dict:
@@ -284,7 +283,7 @@ def measure_pool(pool: Pool, settings, *, name: str, chapter: str, output_dir, r
         png, _ = pool.generate(fields)
         times.append(time.perf_counter() - start)
     rec = record(name=name, chapter=chapter, settings=settings, optimizations=pool.applied, processes=pool.world_size,
-                 timing=timing([pool.start_s], times), dtype="bfloat16" if settings.device.type == "cuda" else "float32",
+                 timing=timing([pool.start_s], times), dtype=str(default_dtype(settings.device)).removeprefix("torch."),
                  label="serving pool: " + describe(pool.applied, pool.world_size), image=f"{chapter}--{name}.png",
                  extras=dict(pool=dict(first_image_in_worker_s=pool.warmup_s)))
     save(rec, Image.open(io.BytesIO(png)), output_dir)

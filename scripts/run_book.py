@@ -57,9 +57,9 @@ def declared_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
-def validate(params: dict, selected: list[dict], nproc: int) -> None:
+def validate(params: dict, selected: list[dict], nproc: int):
     """Fail on bad input before any chapter starts: unknown names, bad settings, unsplittable sequences, a chapter
-    that cannot run on this machine."""
+    that cannot run on this machine. Returns the checked settings."""
     import fluxlab
     from fluxlab import parallel
     from fluxlab.settings import check_int
@@ -84,15 +84,12 @@ def validate(params: dict, selected: list[dict], nproc: int) -> None:
         if any(c["processes"] == "torchrun" for c in selected):
             ulysses, _ = parallel.degrees(nproc, params.get("ulysses_degree"), params.get("ring_degree"))
             parallel.check_split(settings, nproc, ulysses)
-            if settings.device.type == "cuda":
-                import torch
-
-                if torch.cuda.device_count() < nproc:
-                    raise ValueError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) here")
+            parallel.check_gpus(settings.device, nproc)
         for c in selected:
             book.check_device(c, settings.source, settings.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    return settings
 
 
 class Progress:
@@ -261,10 +258,7 @@ def build(out: Path, path_output: Path) -> Path:
     return path_output / "_build" / "html" / "index.html"
 
 
-def device_name(params: dict) -> str:
-    import fluxlab
-
-    settings = fluxlab.check_settings(**{k: params[k] for k in SETTINGS if k in params})
+def device_name(settings) -> str:
     if settings.device.type == "cuda":
         import torch
 
@@ -311,7 +305,7 @@ def main() -> None:
     params = parse_params(args.param)
     summary = []
     if not args.build_only:
-        validate(params, selected, args.nproc)
+        settings = validate(params, selected, args.nproc)
         held = lock(out)
         os.environ.setdefault("FLUXLAB_RUN_ID", uuid.uuid4().hex[:12])
         os.environ["FLUXLAB_PROGRESS"] = "0"  # no denoising progress bars in executed pages
@@ -319,7 +313,7 @@ def main() -> None:
 
         os.environ.setdefault("FLUXLAB_GIT_COMMIT", git_commit())
         staging_root = out / ".staging" / os.environ["FLUXLAB_RUN_ID"]
-        runs, where = book.runs(out), device_name(params)
+        runs, where = book.runs(out), device_name(settings)
         for chapter in selected:
             name = chapter["name"]
             nproc = args.nproc if chapter["processes"] == "torchrun" else 1
