@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import subprocess
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -43,6 +44,7 @@ TIMING = ("warmup_s", "times_s", "min_s", "median_s", "cold_start_s")
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "accelerate", "safetensors", "fluxlab")
 PROVENANCE = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
 # One id per runner invocation (set by scripts/run_book.py), else per process: ratios only within one run.
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 RUN_ID = os.environ.get("FLUXLAB_RUN_ID") or uuid.uuid4().hex[:12]
 
 
@@ -121,8 +123,8 @@ def git_commit() -> str:
 def _version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    except importlib.metadata.PackageNotFoundError:  # fluxlab run from its source tree (PYTHONPATH), not installed
+        return tomllib.loads(PYPROJECT.read_text())["project"]["version"] if name == "fluxlab" else None
 
 
 def _nvidia_smi(*args: str) -> str:
