@@ -5,11 +5,20 @@ SETTINGS_KEYS = ("height", "width", "steps", "prompt", "seed", "guidance", "max_
 
 
 def same_run(a: dict, b: dict) -> bool:
-    """One run measured both, on the same kind of device, source and request: their times may be divided."""
+    """One run of one chapter (or of the benchmark) measured both, on the same kind of device, source and request:
+    their times may be divided. (The runner gives all chapters of one invocation one run id.)"""
     pa, pb = a["provenance"], b["provenance"]
-    return (pa["run_id"] == pb["run_id"] and pa["device_name"] == pb["device_name"]
+    return (pa["run_id"] == pb["run_id"] and a["chapter"] == b["chapter"] and pa["device_name"] == pb["device_name"]
             and a["model_source"] == b["model_source"] and a.get("model_weights") == b.get("model_weights")
             and all(a["settings"][k] == b["settings"][k] for k in SETTINGS_KEYS))
+
+
+def speedup(baseline: dict, rec: dict) -> dict:
+    """`rec`'s speedup over `baseline` (ratio of medians), its range over the timed calls (slowest baseline call /
+    fastest call of `rec`, and the reverse), and whether that range includes 1.0 (a difference within noise)."""
+    b, r = baseline["timing"], rec["timing"]
+    low, high = min(b["times_s"]) / max(r["times_s"]), max(b["times_s"]) / min(r["times_s"])
+    return dict(ratio=b["median_s"] / r["median_s"], low=low, high=high, noise=low <= 1.0 <= high)
 
 
 def is_baseline(rec: dict) -> bool:

@@ -33,8 +33,8 @@ def check_granularity(granularity: str) -> str:
 
 def quantize_fp8(pipe, granularity="rowwise"):
     # set_inductor_config=False: torchao would otherwise switch on inductor's
-    # coordinate-descent tuning for the whole process (195 s of a 213 s cold start
-    # on one H100, for no gain).
+    # coordinate-descent tuning for the whole process (most of the cold start,
+    # for no gain).
     weight_only = Float8WeightOnlyConfig(set_inductor_config=False)
     quantize_(pipe.text_encoder_2, weight_only, filter_fn=fp8_friendly)
     if fp8_tensor_cores(pipe.transformer.device):  # Ada, Hopper, Blackwell

@@ -19,7 +19,15 @@ ADHERENCE_NOTE = ("Adherence: of the tiny pipeline's held-out prompts (colour/sh
                   "in training), how many images show the prompted background colour, shape colour and shape, read "
                   "from the pixels (a chapter scores every 6th of the 66; `make adherence` scores all of them).")
 TIMING_NOTE = ("Times: median (minimum) of the timed calls after a separate warm-up; text encoding, denoising and VAE "
-               "decode. Speedup, PSNR and SSIM: against the plain pipeline measured in the same run.")
+               "decode. Speedup, PSNR and SSIM: against the plain pipeline measured in the same run. A speedup is "
+               "*within noise* where the ratio of the slowest to the fastest timed calls of the two includes 1.0.")
+CPU_NOTE = ("Timed on a CPU: these timings are for following along, not for comparing. What the tiny pipeline shows "
+            "here is the cache's behaviour (steps skipped), prompt adherence and image quality.")
+
+
+def cpu_note(rec: dict) -> str:
+    """One line for pages whose records were timed on a CPU (empty on a GPU)."""
+    return f"*{CPU_NOTE}*\n\n" if rec["settings"]["device"] == "cpu" else ""
 
 
 def _fmt(x, spec=".2f", none="—"):
@@ -57,15 +65,21 @@ def row(rec: dict, folder: str | Path, baseline: dict | None) -> dict:
     cache, score = rec["cache"], rec["extras"].get("adherence")
     return dict(label=rec["label"], processes=rec["processes"], median_s=rec["timing"]["median_s"],
                 min_s=rec["timing"]["min_s"],
-                speedup=baseline["timing"]["median_s"] / rec["timing"]["median_s"] if comparable else None,
+                speedup=compare.speedup(baseline, rec) if comparable else None,
                 skipped=f"{cache['skipped']}/{cache['steps']}" if cache else None,
                 psnr_db=q.get("psnr_db"), ssim=q.get("ssim"),
                 adherence=f"{score['adherent']}/{score['prompts']}" if score else None)
 
 
+def speedup_text(s: dict | None) -> str:
+    """'1.68x', or '1.02x (within noise)' where the timed calls' range of ratios includes 1.0; '—' without one."""
+    if s is None:
+        return "—"
+    return f"{s['ratio']:.2f}x" + (" (within noise)" if s["noise"] and s["ratio"] != 1 else "")
+
+
 def _cells(r: dict) -> list[str]:
-    return [f"{_fmt(r['median_s'], '.3f')} ({_fmt(r['min_s'], '.3f')})",
-            _fmt(r["speedup"]) + "x" if r["speedup"] is not None else "—", r["skipped"] or "—",
+    return [f"{_fmt(r['median_s'], '.3f')} ({_fmt(r['min_s'], '.3f')})", speedup_text(r["speedup"]), r["skipped"] or "—",
             _fmt(r["psnr_db"], ".1f"), _fmt(r["ssim"], ".3f")]
 
 
@@ -96,26 +110,35 @@ def step_cost_table(recs: list[dict]) -> Markdown:
     lines = ["| Configuration | Skipped steps | s/image | Computed step (ms) | Skipped step (ms) | Skipped / computed |",
              "|---|---|---|---|---|---|"]
     for rec in recs:
-        costs = rec["extras"]["step_costs"]
-        full = [s for s, c in zip(costs["seconds"], costs["computed"]) if c]
-        skip = [s for s, c in zip(costs["seconds"], costs["computed"]) if not c]
-        full_ms = float(np.median(full)) * 1e3 if full else None
-        skip_ms = float(np.median(skip)) * 1e3 if skip else None
-        ratio = f"{skip_ms / full_ms:.1%}" if full_ms and skip_ms else "—"
-        lines.append(f"| {rec['label']} | {len(skip)}/{len(full) + len(skip)} | {rec['timing']['median_s']:.3f} "
-                     f"| {_fmt(full_ms, '.1f')} | {_fmt(skip_ms, '.1f')} | {ratio} |")
+        c = step_cost(rec)
+        ratio = f"{c['ratio']:.1%}" if c["ratio"] is not None else "—"
+        lines.append(f"| {rec['label']} | {c['skipped']}/{c['steps']} | {rec['timing']['median_s']:.3f} "
+                     f"| {_fmt(c['computed_ms'], '.1f')} | {_fmt(c['skipped_ms'], '.1f')} | {ratio} |")
     note = ("Each denoising step (transformer call) of one extra call after the timed ones, timed on the device; a "
             "skipped step still runs the first block and the cache's decision.")
     return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + f"\n\n*{note}*")
 
 
-def skip_cost(recs: list[dict]) -> float | None:
-    """A skipped step's cost as a share of a computed one (medians over the records' step costs), or None where
-    nothing was skipped."""
-    full = [s for r in recs for s, c in zip(r["extras"]["step_costs"]["seconds"], r["extras"]["step_costs"]["computed"]) if c]
-    skip = [s for r in recs for s, c in zip(r["extras"]["step_costs"]["seconds"], r["extras"]["step_costs"]["computed"])
-            if not c]
-    return float(np.median(skip) / np.median(full)) if full and skip else None
+def step_cost(rec: dict) -> dict:
+    """From a record's step costs: steps, skipped steps, the median computed and skipped step (ms), and their ratio
+    (None where a kind is missing)."""
+    costs = rec["extras"]["step_costs"]
+    full = [s for s, c in zip(costs["seconds"], costs["computed"]) if c]
+    skip = [s for s, c in zip(costs["seconds"], costs["computed"]) if not c]
+    full_ms = float(np.median(full)) * 1e3 if full else None
+    skip_ms = float(np.median(skip)) * 1e3 if skip else None
+    return dict(steps=len(full) + len(skip), skipped=len(skip), computed_ms=full_ms, skipped_ms=skip_ms,
+                ratio=skip_ms / full_ms if full_ms and skip_ms else None)
+
+
+def skip_cost(recs: list[dict]) -> str | None:
+    """A skipped step's cost as a share of a computed one, as the step-cost table shows it: one value, or the range
+    over the records ('2.9% to 4.0%'); None where nothing was skipped."""
+    ratios = sorted(c["ratio"] for c in map(step_cost, recs) if c["ratio"] is not None)
+    if not ratios:
+        return None
+    low, high = f"{ratios[0]:.1%}", f"{ratios[-1]:.1%}"
+    return low if low == high else f"{low} to {high}"
 
 
 def plot_skips(recs: list[dict]):
@@ -209,25 +232,33 @@ def serving_table(one_shot: dict, served: dict) -> Markdown:
 
 
 def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) -> Markdown:
-    """The article's closing table: each declared row (`{"row", "needs", "processes"}`) with the record that
-    matches what it applies (`fluxlab.compare.find`), against the plain pipeline of that record's run."""
-    lines = ["| Optimizations | Procs | Ran as | s/image | Speedup | Skipped steps | PSNR (dB) | SSIM |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The article's closing table: each declared row (`{"row", "needs", "processes", "article"}`) with the record
+    that matches what it applies (`fluxlab.compare.find`), against the plain pipeline of that record's own run,
+    beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
+    lines = ["| Optimizations | Procs | Article on L20: s/image (speedup) | Ran here as | s/image | Speedup "
+             "| Skipped steps | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|---|---|"]
     found = []
     for spec in rows:
+        quoted = "{:.2f} ({:.2f}x)".format(*spec["article"]) if spec.get("article") else "—"
         rec = compare.find(records, spec["needs"], spec["processes"])
         if rec is None:
-            lines.append(f"| {spec['row']} | {spec['processes']} | not run | — | — | — | — | — |")
+            why = f"not run: no {spec['processes']}-process run of it in this book"
+            lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} | — | — | — | — | — |")
             continue
         found.append(rec)
         r = row(rec, folder, compare.baseline_for(rec, records))
-        lines.append(f"| {spec['row']} | {spec['processes']} | {rec['label']} | " + " | ".join(_cells(r)) + " |")
+        lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | " + " | ".join(_cells(r))
+                     + " |")
     head = f"*{where(found)}*\n\n" if found else ""
-    return Markdown(head + "\n".join(lines) + "\n\n" + _notes(found))
+    article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
+               "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
+               "speedups are over the plain pipeline of the same chapter run.")
+    return Markdown(head + "\n".join(lines) + "\n\n" + _notes(found, [article]))
 
 
-def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
-    """Markdown: the hardware, versions, commit and duration behind every chapter of this book."""
+def status_page(records: list[dict], chapters: list[dict], title: str, bench: list[dict] = ()) -> str:
+    """Markdown: the hardware, versions, commit and duration behind every chapter of this book, and the benchmark
+    runs (`bench`: their records) that the performance page reads."""
     lines = [f"# {title}", "", "Every number in this book comes from these runs.", "",
              "| Chapter | Status | Duration (s) | Processes | Device | Model source | Git commit | Date (UTC) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -237,14 +268,28 @@ def status_page(records: list[dict], chapters: list[dict], title: str) -> str:
     for ch in chapters:
         rec = newest.get(ch["name"])
         prov = rec["provenance"] if rec else {}
+        commit = prov.get("git_commit") or ch.get("git_commit") or "—"
         lines.append(f"| {ch['name']} | {ch['status']} | {_fmt(ch.get('duration_s'), '.0f')} "
                      f"| {ch.get('processes', 1)} | {prov.get('device_name') or ch.get('device') or '—'} "
                      f"| {', '.join(sorted({r['model_source'] for r in records if r['chapter'] == ch['name']})) or '—'} "
-                     f"| `{prov.get('git_commit', '—')[:12]}` | {prov.get('date_utc', '—')} |")
+                     f"| `{commit[:12]}` | {prov.get('date_utc') or ch.get('finished_utc') or '—'} |")
     lines += [f"\n*{ch['name']}: {ch['note']}.*" for ch in chapters if ch.get("note")]
-    if records:
-        prov = records[-1]["provenance"]
-        lines += ["", "## Software", "", "| Package | Version |", "|---|---|"]
+    runs = {}
+    for rec in bench:
+        runs.setdefault((Path(rec["_path"]).name, rec["provenance"]["run_id"]), []).append(rec)
+    if runs:
+        lines += ["", "## Benchmark runs", "", "The performance page reads these `scripts/bench.py` records.", "",
+                  "| File | Configurations | Processes | Device | Model source | Git commit | fluxlab | Date (UTC) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (name, _), recs in runs.items():
+            prov = recs[0]["provenance"]
+            lines.append(f"| `{name}` | {len(recs)} | {prov['world_size']} | {prov['device_name']} "
+                         f"| {', '.join(sorted({r['model_source'] for r in recs}))} | `{prov['git_commit'][:12]}` "
+                         f"| {prov['versions'].get('fluxlab') or '—'} | {prov['date_utc']} |")
+    newest_prov = [r["provenance"] for r in [*records, *bench]]
+    if newest_prov:
+        prov = max(newest_prov, key=lambda p: p["date_utc"])
+        lines += ["", "## Software", "", "Of the newest run above.", "", "| Package | Version |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(prov["versions"].items())]
         for key in ("driver", "cuda", "cudnn", "gpu_links"):
             if prov.get(key):
@@ -262,7 +307,7 @@ def where_time_goes(recs: list[dict]) -> None:
     (a figure and a sentence each), where the records were profiled."""
     profiled = [r for r in recs if r["extras"].get("profile")]
     if not profiled:
-        display(Markdown("*No kernel timeline here: the profile needs CUDA GPUs (the published book has one).*"))
+        display(Markdown("*No kernel timeline here: the profile needs CUDA GPUs.*"))
         return
     fig = figures.rank_time(profiled)
     display(fig)
@@ -272,7 +317,7 @@ def where_time_goes(recs: list[dict]) -> None:
         parts = [f"process {i}: compute {p['compute_s']:.3f} s, communication not overlapped "
                  f"{p['exposed_communication_s']:.3f} s, idle {p['idle_s']:.3f} s of {p['wall_s']:.3f} s"
                  for i, p in enumerate(r["extras"]["profile"])]
-        lines.append(f"* **{r['label']}** (timed {r['timing']['median_s']:.3f} s; profiled image below): "
+        lines.append(f"* **{r['label']}** (timed {r['timing']['median_s']:.3f} s; one more image under the profiler): "
                      + "; ".join(parts) + ".")
     display(Markdown("\n".join(lines)))
 

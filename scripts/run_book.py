@@ -57,6 +57,24 @@ def declared_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
+def jupyter_book() -> str | None:
+    """The jupyter-book command beside this Python, else on PATH, else None."""
+    here = Path(sys.executable).parent / "jupyter-book"
+    return str(here) if here.exists() else shutil.which("jupyter-book")
+
+
+def check_tools(build: bool, execute: bool) -> None:
+    """Fail before any chapter runs when a tool the run needs is missing, naming its package."""
+    import importlib.util
+
+    missing = [m for m in ("papermill", "nbclient", "ipykernel") if execute and importlib.util.find_spec(m) is None]
+    if build and not jupyter_book():
+        missing.append("jupyter-book")
+    if missing:
+        hint = " (or pass --no-build to execute the chapters without rendering them)" if "jupyter-book" in missing else ""
+        raise SystemExit(f"error: missing package(s) {', '.join(missing)}: pip install -e '.[book]'{hint}")
+
+
 def validate(params: dict, selected: list[dict], nproc: int):
     """Fail on bad input before any chapter starts: unknown names, bad settings, unsplittable sequences, a chapter
     that cannot run on this machine. Returns the checked settings."""
@@ -246,11 +264,12 @@ def write_status(out: Path, title: str) -> None:
     runs = book.runs(out)
     listed = [dict(name=c["name"], **runs.get(c["name"], dict(status="not executed"))) for c in book.chapters()]
     recs = records.read_folder(out / "results") if (out / "results").exists() else []
-    (out / "status.md").write_text(report.status_page(recs, listed, title))
+    bench = records.read_folder(ROOT / "book" / "results", "bench-*gpu.json")
+    (out / "status.md").write_text(report.status_page(recs, listed, title, bench))
 
 
 def build(out: Path, path_output: Path) -> Path:
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "--toc", str(write_toc(out)),
+    cmd = [jupyter_book(), "build", str(ROOT), "--toc", str(write_toc(out)),
            "--config", str(ROOT / "_config.yml"), "--path-output", str(path_output), "-W", "-n", "--keep-going"]
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         raise SystemExit("error: jupyter-book build failed (warnings are errors); run the command again without "
@@ -303,6 +322,7 @@ def main() -> None:
         raise SystemExit(f"error: unknown chapter(s) {sorted(set(wanted) - set(all_names))}; allowed: {all_names}")
     selected = [c for c in book.chapters() if c["name"] in wanted]
     params = parse_params(args.param)
+    check_tools(build=not args.no_build, execute=not args.build_only)
     summary = []
     if not args.build_only:
         settings = validate(params, selected, args.nproc)
@@ -327,6 +347,7 @@ def main() -> None:
                 raise SystemExit(1) from None
             runs[name] = dict(status="ok", duration_s=round(time.perf_counter() - start, 1), processes=nproc,
                               device=where, run_id=os.environ["FLUXLAB_RUN_ID"],
+                              git_commit=os.environ["FLUXLAB_GIT_COMMIT"],
                               finished_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             (out / "chapters.json").write_text(json.dumps(runs, indent=1))
             summary.append((name, runs[name]["duration_s"], len([f for f in written if f.endswith(".json")])))

@@ -31,3 +31,24 @@ def torchrun(nproc: int, *args, timeout: int = 300, env: dict | None = None) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, **(env or {})})
+
+
+def _output_text(output) -> str:
+    if output.output_type == "stream":
+        return output.text
+    data = output.get("data", {})
+    return data.get("text/markdown") or data.get("text/plain") or ""
+
+
+def summary_disagreements(nb) -> list[str]:
+    """The ratios and percentages (e.g. '1.68x', '3.9%') that an executed chapter's summary states but none of its
+    other outputs (tables, figures' captions, lines) shows: a summary says what its tables say."""
+    import re
+
+    cells = nb.cells
+    at = next((i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Summary")), None)
+    if at is None:
+        return []
+    summary = "".join(_output_text(o) for c in cells[at:] if c.cell_type == "code" for o in c.outputs)
+    others = "".join(_output_text(o) for c in cells[:at] if c.cell_type == "code" for o in c.outputs)
+    return [n for n in re.findall(r"\d+\.\d+(?:x|%)", summary) if n not in others]

@@ -67,3 +67,39 @@ def test_chapter_4_shows_the_books_own_pieces():
     code = "\n".join(c.source for c in cells(ROOT / "notebooks" / "04_context_parallel.ipynb") if c.cell_type == "code")
     assert "source_code(fluxlab.cache.global_relative_difference" in code
     assert "source_code(fluxlab.graphs.BlockGraph)" in code
+
+
+# A measured number on a page comes from a record, so prose states none: a number with a unit of time, speed or
+# ratio in a markdown cell fails, unless it is one of the article's own (quoted in the conclusion's table).
+MEASURED = re.compile(r"(?<![\w.])~?\d+(?:[.,]\d+)?\s?(?:s|ms|seconds|minutes|GB/s|TFLOP/s|x|%)(?![\w/])")
+ARTICLE = {"26.36", "17.01", "13.40", "7.56", "4.92", "3.90", "21.83", "16.00", "13.78"}
+
+
+def measured_numbers(text: str) -> list[str]:
+    return [m for m in MEASURED.findall(text) if re.sub(r"[^\d.]", "", m.split()[0].rstrip("sx%")) not in ARTICLE]
+
+
+def test_the_measured_number_check_catches_numbers():
+    assert measured_numbers("slower (7.2 s against 5.3 s per image), 1.20x faster, 3.9% of a step, ~100 ms") == \
+        ["7.2 s", "5.3 s", "1.20x", "3.9%", "~100 ms"]
+    assert not measured_numbers("1024x1024 pixels, 28 steps, threshold 0.12, 12 B parameters, 4,096 tokens")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + [ROOT / "book" / "intro.md"], ids=lambda p: p.stem)
+def test_prose_states_no_measured_number(path):
+    texts = [c.source for c in cells(path) if c.cell_type == "markdown"] if path.suffix == ".ipynb" \
+        else [path.read_text()]
+    for text in texts:
+        assert not measured_numbers(text), f"{path.name}: a measured number in prose: {measured_numbers(text)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_cross_references_are_links_to_chapters(path):
+    """'chapter N' is a link to that chapter's notebook, so jupyter-book (-W -n) fails a book that lacks it."""
+    names = {p.name for p in NOTEBOOKS}
+    for text in [c.source for c in cells(path) if c.cell_type == "markdown"]:
+        for target in re.findall(r"\]\(([^)#]+\.ipynb)\)", text):
+            assert target in names, f"{path.name} links to {target}, not a chapter"
+        for m in re.finditer(r"(?i)chapter \d", text):
+            assert text[m.start() - 1] == "[" and text[m.end()] == "]", \
+                f"{path.name}: '{m.group()}' is not a link to the chapter"

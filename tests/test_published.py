@@ -11,7 +11,7 @@ import pytest
 import browser
 from fluxlab import book, records
 
-from conftest import ROOT
+from conftest import ROOT, summary_disagreements
 
 PUBLISHED = ROOT / "book" / "published"
 CHAPTERS = sorted(PUBLISHED.glob("*.ipynb"))
@@ -36,6 +36,7 @@ def test_published_chapter_runs_todays_code_and_every_cell_ran(path):
     code = [c for c in published.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), f"{path.name}: a cell never ran"
     assert not any(o.output_type == "error" for c in code for o in c.outputs)
+    assert not summary_disagreements(published), f"{path.name}: the summary states {summary_disagreements(published)}"
 
 
 def test_every_chapter_is_published_or_the_status_says_why():

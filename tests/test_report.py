@@ -19,8 +19,8 @@ def _two(tmp_path, tiny, tiny_pipe, chapter="t"):
 def test_speedup_and_quality_only_within_one_run(tmp_path, tiny, tiny_pipe):
     base, cached = _two(tmp_path, tiny, tiny_pipe)
     rows = [report.row(r, tmp_path, base) for r in (base, cached)]
-    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == pytest.approx(1.0)
-    assert rows[1]["speedup"] == base["timing"]["median_s"] / cached["timing"]["median_s"]
+    assert rows[0]["speedup"]["ratio"] == 1.0 and rows[0]["speedup"]["noise"] and rows[0]["psnr_db"] == float("inf") and rows[0]["ssim"] == pytest.approx(1.0)
+    assert rows[1]["speedup"]["ratio"] == base["timing"]["median_s"] / cached["timing"]["median_s"]
     assert 10 < rows[1]["psnr_db"] < float("inf") and rows[1]["skipped"] == f"{cached['cache']['skipped']}/8"
     other = copy.deepcopy(cached)
     other["provenance"]["run_id"] = "another-run"
@@ -32,7 +32,8 @@ def test_speedup_and_quality_only_within_one_run(tmp_path, tiny, tiny_pipe):
 def test_conclusion_rows_are_matched_by_what_was_applied(tmp_path, tiny, tiny_pipe):
     base, cached = _two(tmp_path, tiny, tiny_pipe, chapter="02_first_block_cache")
     recs = fluxlab.records.read_folder(tmp_path)
-    rows = [dict(row="Baseline", needs={}, processes=1), dict(row="FBCache", needs={"cache": 0.3}, processes=1),
+    rows = [dict(row="Baseline", needs={}, processes=1),
+            dict(row="FBCache", needs={"cache": 0.3}, processes=1, article=(17.01, 1.55)),
             dict(row="FBCache 0.12", needs={"cache": 0.12}, processes=1),
             dict(row="FP8", needs={"fp8": True, "compile": True}, processes=1),
             dict(row="CP", needs={"cache": 0.3}, processes=2)]
@@ -40,20 +41,37 @@ def test_conclusion_rows_are_matched_by_what_was_applied(tmp_path, tiny, tiny_pi
     assert compare.find(recs, {"cache": 0.12}) is None and compare.find(recs, {"cache": 0.3}, processes=2) is None
     assert compare.baseline_for(cached, recs)["name"] == "baseline"
     md = report.conclusion_table(rows, recs, tmp_path).data
-    assert md.count("not run") == 3
-    assert f"| FBCache | 1 | FBCache 0.3 | {cached['timing']['median_s']:.3f}" in md
+    assert md.count("not run") == 3 and "| CP | 2 | — | not run: no 2-process run of it in this book |" in md
+    assert f"| FBCache | 1 | 17.01 (1.55x) | FBCache 0.3 | {cached['timing']['median_s']:.3f}" in md
+    # ratios only within one chapter's run: a baseline of another chapter in the same runner invocation is not it
+    other = dict(base, chapter="04_context_parallel", provenance=dict(base["provenance"], date_utc="9999"))
+    assert compare.baseline_for(cached, recs + [other])["chapter"] == "02_first_block_cache"
 
 
 def test_grid_status_and_scaling(tmp_path, tiny, tiny_pipe):
     base, cached = _two(tmp_path, tiny, tiny_pipe)
     sheet = report.record_grid([base, cached], tmp_path, columns=2, size=64)
     assert isinstance(sheet, Image.Image) and sheet.width == 128
-    page = report.status_page([base], [dict(name="t", status="ok", duration_s=3.0, note="ran beside others")],
-                              "Status")
+    bench = [dict(base, chapter="bench", _path=str(tmp_path / "bench-1gpu.json"))]
+    page = report.status_page([base], [dict(name="t", status="ok", duration_s=3.0, note="ran beside others"),
+                                       dict(name="u", status="ok", duration_s=1.0, git_commit="f" * 40)],
+                              "Status", bench)
+    assert "`bench-1gpu.json` | 1 | 1 |" in page and "| `ffffffffffff` |" in page
     assert base["provenance"]["git_commit"][:12] in page and "| diffusers | 0.42.1 |" in page
     assert "*t: ran beside others.*" in page
     table = report.scaling_table([base, cached]).data
     assert f"| 1 | FBCache 0.3 | {cached['timing']['median_s']:.3f}" in table
+
+
+def test_speedup_within_noise_when_the_calls_overlap():
+    def rec(*times):
+        return dict(timing=dict(times_s=list(times), median_s=sorted(times)[len(times) // 2]))
+
+    clear = compare.speedup(rec(2.0, 2.1, 2.2), rec(1.0, 1.1, 1.2))
+    assert not clear["noise"] and report.speedup_text(clear) == "1.91x"
+    noisy = compare.speedup(rec(1.0, 1.5, 2.0), rec(1.1, 1.3, 1.4))
+    assert noisy["noise"] and report.speedup_text(noisy) == "1.15x (within noise)"
+    assert noisy["low"] == pytest.approx(1.0 / 1.4) and noisy["high"] == pytest.approx(2.0 / 1.1)
 
 
 def test_step_cost_table_and_skip_plot(tmp_path, tiny, tiny_pipe):
@@ -61,8 +79,9 @@ def test_step_cost_table_and_skip_plot(tmp_path, tiny, tiny_pipe):
     costs = cached["extras"]["step_costs"]
     table = report.step_cost_table([cached]).data
     assert f"| {cached['cache']['skipped']}/8 |" in table
-    share = report.skip_cost([cached])
+    share = report.step_cost(cached)["ratio"]
     skip = [s for s, c in zip(costs["seconds"], costs["computed"]) if not c]
     assert skip and 0 < share < 1
+    assert report.skip_cost([cached]) == f"{share:.1%}" and f"| {share:.1%} |" in table
     fig = report.plot_skips([base, cached])
     assert "per skip" in fig.axes[0].get_legend().get_texts()[1].get_text()
