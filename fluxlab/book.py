@@ -63,9 +63,12 @@ def needs(name: str, results_dir: str | Path) -> Markdown:
         hardware += "; it runs under `torchrun`, one process per GPU (2 CPU processes by default)"
     lines = [f"**What you need:** {hardware}."]
     here = Path(results_dir).resolve().parent
+    if here == PUBLISHED.resolve():  # this run is the published one: its time is known only once it ends
+        lines.append("**Run time, device and commit:** on the [status page](status.md).")
+        return Markdown("  \n".join(lines))
     for label, out in (("Published run", PUBLISHED), ("Last run here", here)):
         run = runs(out).get(name)
-        if run and run.get("status") == "ok" and (label == "Published run" or here != PUBLISHED.resolve()):
+        if run and run.get("status") == "ok":
             where = f" on {run.get('processes', 1)}x {run['device']}" if run.get("device") else ""
             lines.append(f"**{label}:** {run['duration_s']:.0f} s{where}.")
     return Markdown("  \n".join(lines))
