@@ -279,11 +279,11 @@ def status_page(records: list[dict], chapters: list[dict], title: str, bench: li
         runs.setdefault((Path(rec["_path"]).name, rec["provenance"]["run_id"]), []).append(rec)
     if runs:
         lines += ["", "## Benchmark runs", "", "The performance page reads these `scripts/bench.py` records.", "",
-                  "| File | Configurations | Processes | Device | Model source | Git commit | fluxlab | Date (UTC) |",
+                  "| File | Configurations | Processes (most) | Device | Model source | Git commit | fluxlab | Date (UTC) |",
                   "|---|---|---|---|---|---|---|---|"]
         for (name, _), recs in runs.items():
             prov = recs[0]["provenance"]
-            lines.append(f"| `{name}` | {len(recs)} | {prov['world_size']} | {prov['device_name']} "
+            lines.append(f"| `{name}` | {len(recs)} | {max(r['processes'] for r in recs)} | {prov['device_name']} "
                          f"| {', '.join(sorted({r['model_source'] for r in recs}))} | `{prov['git_commit'][:12]}` "
                          f"| {prov['versions'].get('fluxlab') or '—'} | {prov['date_utc']} |")
     newest_prov = [r["provenance"] for r in [*records, *bench]]
