@@ -5,7 +5,7 @@ import sys
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] != "serve":
         raise SystemExit("usage: python -m fluxlab serve [--model-source tiny] [--nproc N] [--port 8000] ...")
-    from .serve import main as serve_main
+    from .app import main as serve_main
 
     serve_main(sys.argv[2:])
 

@@ -35,20 +35,25 @@ def full_size(source) -> bool:
     return config["num_attention_heads"] * config["attention_head_dim"] >= 3072
 
 
-def check_device(ch: dict, source, device) -> None:
-    """Refuse a chapter that cannot run here: the full-size model on a CPU, or on a GPU with too little memory."""
-    need = ch.get("gpu_memory_gb")
-    if not need or not full_size(source):
+def check_full_size(need_gb, source, device, what: str) -> None:
+    """Refuse the full-size model (FLUX.1-dev's size, any source) on a CPU, or on a GPU with less than `need_gb` GB;
+    `what` names who needs it in the message. Other sources pass."""
+    if not need_gb or not full_size(source):
         return
     if device.type != "cuda":
-        raise ValueError(f"chapter {ch['name']} with the full-size model needs a CUDA GPU with {need} GB (it holds "
+        raise ValueError(f"{what} with the full-size model needs a CUDA GPU with {need_gb} GB (it holds "
                          f"FLUX.1-dev's 12 B parameters); on {device.type} use model_source='tiny'.")
     import torch
 
     have = torch.cuda.get_device_properties(device).total_memory / 1e9
-    if have < need:
-        raise ValueError(f"chapter {ch['name']} with the full-size model needs {need} GB of GPU memory; "
+    if have < need_gb:
+        raise ValueError(f"{what} with the full-size model needs {need_gb} GB of GPU memory; "
                          f"{torch.cuda.get_device_name(device)} has {have:.0f} GB.")
+
+
+def check_device(ch: dict, source, device) -> None:
+    """Refuse a chapter that cannot run here: the full-size model on a CPU, or on a GPU with too little memory."""
+    check_full_size(ch.get("gpu_memory_gb"), source, device, f"chapter {ch['name']}")
 
 
 def needs(name: str, results_dir: str | Path) -> Markdown:

@@ -13,8 +13,11 @@ COMPILE_SCOPES = ("regional", "full")
 OFFLOADS = ("model", "sequential")
 
 
-def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None) -> None:
-    """Validate optimize's arguments without touching a model."""
+def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None) -> None:
+    """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
+    if compile_mode is not None and compile_mode not in torch._inductor.list_mode_options():
+        raise ValueError(f"compile_mode={compile_mode!r}: allowed values are "
+                         f"{tuple(torch._inductor.list_mode_options())} (or None).")
     if cache is not None:
         check_threshold(cache)
     if fp8 is not None:

@@ -3,28 +3,24 @@
 One process per device (or per CPU rank with gloo) joins a process group, loads the pipeline and applies the
 requested optimizations with `fluxlab.optimize` (context parallel across all processes when there are several),
 warms up, then waits for requests. Every request goes to all processes together, in order; process 0 returns
-the PNG. A small HTTP front (standard library) exposes `POST /generate` and `GET /health`.
+the PNG. Its HTTP front is `fluxlab.app` (`python -m fluxlab serve`).
 
 The pool survives what clients send: requests are checked before they reach a worker (400); a request that fails
 inside the pipeline on every process returns 500 with a short message (the traceback goes to the server's log) and
 the pool serves the next one; a request that outlives its time limit, or a process that dies, ends every worker
 and starts the pool afresh.
 """
-import argparse
 import dataclasses
 import io
 import itertools
-import json
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
 import time
 import traceback
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.multiprocessing as mp
@@ -40,7 +36,6 @@ from .settings import SERVER_LIMITS, Limits, check_int, check_number
 from .settings import check as check_settings
 
 REQUEST_FIELDS = ("prompt", "seed", "height", "width", "steps", "guidance")
-MAX_BODY_BYTES = 64 * 1024
 
 
 class PoolError(RuntimeError):
@@ -105,7 +100,7 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
         results.put((None, rank, "ready", (time.perf_counter() - start, applied(pipe))))
     except Exception:
         traceback.print_exc()
-        results.put((None, rank, "error", _last_line()))
+        results.put((None, rank, "error", _cause()))
         return
     while (item := requests.get()) is not None:
         number, fields = item
@@ -120,11 +115,14 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
         except Exception:  # the server's log keeps the traceback; the client gets its last line
             print(f"request {number} failed on rank {rank}:", file=sys.stderr)
             traceback.print_exc()
-            results.put((number, rank, "failed", _last_line()))
+            results.put((number, rank, "failed", _cause()))
 
 
-def _last_line() -> str:
-    return traceback.format_exc().strip().splitlines()[-1][:300]
+def _cause() -> str:
+    """The exception being handled, in one line: its type and its message's first line (the cause; advice that a
+    message may add below stays in the log's traceback)."""
+    err = sys.exc_info()[1]
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:300]
 
 
 class Pool:
@@ -163,7 +161,8 @@ class Pool:
         if len(answers) < self.world_size or bad:
             self._stop()
             reason = bad[0][1] if bad else self._dead() or f"no answer within {self.start_timeout_s:.0f} s"
-            raise PoolError(f"the pool did not start: {reason}")
+            raise PoolError(f"the pool of {self.config.model_source} ({self.config.nproc} process(es) on "
+                            f"{self.config.device}) did not start: {reason}")
         (self.warmup_s, self.applied), self.healthy, self.error = answers[0][1], True, None
 
     def _dead(self) -> str | None:
@@ -288,95 +287,3 @@ def measure_pool(pool: Pool, settings, *, name: str, chapter: str, output_dir, r
                  extras=dict(pool=dict(first_image_in_worker_s=pool.warmup_s)))
     save(rec, Image.open(io.BytesIO(png)), output_dir)
     return rec
-
-
-def make_handler(pool: Pool):
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, body: bytes, content_type: str = "application/json", headers=None):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, payload: dict):
-            self._send(status, json.dumps(payload).encode())
-
-        def do_GET(self):
-            if self.path != "/health":
-                return self._json(HTTPStatus.NOT_FOUND, dict(error="GET /health or POST /generate"))
-            health = pool.health()
-            self._json(HTTPStatus.OK if health["healthy"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
-
-        def do_POST(self):
-            if self.path != "/generate":
-                return self._json(HTTPStatus.NOT_FOUND, dict(error="GET /health or POST /generate"))
-            try:
-                length = int(self.headers.get("Content-Length", 0))
-            except ValueError:
-                return self._json(HTTPStatus.BAD_REQUEST, dict(error="Content-Length must be an integer"))
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True  # the body is not read
-                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                  dict(error=f"the body has {length} bytes; at most {MAX_BODY_BYTES} are read"))
-            try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                fields = pool.check(body)
-            except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError too
-                return self._json(HTTPStatus.BAD_REQUEST, dict(error=str(err)))
-            try:
-                png, first_use = pool.generate(fields)
-            except PoolError as err:
-                return self._json(err.status, dict(error=str(err)))
-            self._send(HTTPStatus.OK, png, "image/png", {"X-Fluxlab-First-Use-Of-Shape": str(first_use).lower()})
-
-        def log_message(self, format, *args):  # quiet: one line per request on stderr is noise in tests
-            pass
-
-    return Handler
-
-
-def serve(pool: Pool, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), make_handler(pool))
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fluxlab serve", description="Serve FLUX images over HTTP.")
-    parser.add_argument("--model-source", default="tiny")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs, or CPU ranks with gloo)")
-    parser.add_argument("--cache", type=float)
-    parser.add_argument("--fp8", choices=("rowwise", "tensorwise"))
-    parser.add_argument("--compile", choices=("regional", "full"))
-    parser.add_argument("--graphs", action="store_true", help="CUDA graphs of the blocks (fluxlab.graphs)")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
-    parser.add_argument("--max-side", type=int, default=SERVER_LIMITS.max_side, help="largest height or width")
-    parser.add_argument("--max-prompt-chars", type=int, default=SERVER_LIMITS.max_prompt_chars)
-    parser.add_argument("--request-timeout-s", type=float, default=600)
-    args = parser.parse_args(argv)
-    try:
-        check_int("port", args.port, 0, 65535)
-        limits = Limits(max_steps=check_int("max_steps", args.max_steps, 1, 10_000),
-                        max_side=check_int("max_side", args.max_side, 16, 16_384),
-                        max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
-        config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
-                            args.graphs)
-        config.check()
-        pool = Pool(config, limits, request_timeout_s=args.request_timeout_s)
-    except (ValueError, PoolError) as err:
-        raise SystemExit(f"error: {err}") from None
-    server = serve(pool, args.host, args.port)
-    print(f"fluxlab serving {args.model_source} on {args.nproc} process(es), warm-up {pool.warmup_s:.1f} s: "
-          f"listening on http://{args.host}:{server.server_port}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # shut the workers down on `kill` too
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        pool.close()

@@ -95,7 +95,7 @@ def validate(params: dict, selected: list[dict], nproc: int):
             for threshold in values:
                 fluxlab.check_options(cache=threshold)
         fluxlab.check_options(cache=params.get("cache_threshold"), fp8=params.get("fp8"),
-                              compile=params.get("compile"))
+                              compile=params.get("compile"), compile_mode=params.get("compile_mode"))
         for name in ("warmup", "repeats"):
             check_int(name, params.get(name, 1), 1, 1000)
         check_int("--nproc", nproc, 1, 64)

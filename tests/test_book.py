@@ -41,6 +41,7 @@ def out():
     (["-p", "repeats=0"], "repeats=0: must be an integer from 1 to 1000"),
     (["-p", "cache_threshold=nan"], "cache threshold='nan'"),
     (["-p", "bogus=1"], "unknown parameter"),
+    (["-p", "compile_mode=bogus"], "compile_mode='bogus': allowed values are"),
     (["--nproc", "3"], "do not split evenly over 3 processes"),
     (["--nproc", "0"], "--nproc=0: must be an integer from 1 to 64"),
     (["-p", "model_source=/nowhere"], "no such folder"),

@@ -1,25 +1,28 @@
-"""The persistent pool and its HTTP front, on the tiny source with 2 gloo ranks (context parallel): it serves
-in order, and survives anything a client sends."""
+"""The persistent pool and its HTTP front (FastAPI on uvicorn), on the tiny source with 2 gloo ranks (context
+parallel): it serves in order, and survives anything a client sends."""
 import concurrent.futures
-import dataclasses
 import io
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
 import fluxlab
-from fluxlab.serve import Pool, PoolConfig, measure_pool, serve
+from fluxlab.app import MAX_BODY_BYTES, bind, make_app
+from fluxlab.serve import Pool, PoolConfig, measure_pool
+from fluxlab.settings import TINY_DIR
 
 from conftest import ROOT
 from pool_worker import failing_worker
@@ -28,22 +31,16 @@ PROMPTS = ["a large red circle on a blue background", "a small green square on a
            "a large yellow triangle on a black background"]
 
 
-def post(url, body, timeout=180, raw=None):
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/generate", data=data, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+def post(url, body, timeout=180, raw=None, headers=None):
+    content = raw if raw is not None else json.dumps(body).encode()
+    r = httpx.post(url + "/generate", content=content, timeout=timeout,
+                   headers={"Content-Type": "application/json", **(headers or {})})
+    return r.status_code, r.content
 
 
 def health(url):
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    r = httpx.get(url + "/health", timeout=120)
+    return r.status_code, r.json()
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -51,15 +48,21 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 class Server:
+    """The pool behind the real app, served by uvicorn on a socket bound to 127.0.0.1 by the test."""
+
     def __init__(self, **kwargs):
         self.pool = Pool(PoolConfig("tiny", "cpu", 2), worker=failing_worker, **kwargs)
-        self.http = serve(self.pool, port=0)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        sock = bind("127.0.0.1", 0)
+        self.http = uvicorn.Server(uvicorn.Config(make_app(self.pool), log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.http.run, kwargs=dict(sockets=[sock]), daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        while not self.http.started:
+            time.sleep(0.05)
 
     def close(self):
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.should_exit = True
+        self.thread.join(timeout=30)
         self.pool.close()
         assert not any(p.is_alive() for p in self.pool.procs), "a worker outlived the pool"
 
@@ -103,7 +106,10 @@ def test_pool_latency_record(server, tmp_path):
 
 @pytest.mark.parametrize("body, status, message", [
     (dict(height=100), 400, b"height=100: must be a multiple of 16"),
-    (dict(colour="red"), 400, b"unknown field(s) ['colour']"),
+    (dict(colour="red"), 400, b"unknown field 'colour'; allowed: ['prompt', 'seed'"),
+    ({"__proto__": {"x": 1}}, 400, b"unknown field '__proto__'"),
+    (dict(prompt={"nested": [[[[1]]]]}), 400, b"prompt={'nested': [[[[1]]]]}: must be a non-empty string"),
+    (dict(prompt=None, seed=None), 200, b"\x89PNG"),  # null: the pool's default
     (dict(height=48, width=48), 400, b"do not split evenly"),
     (dict(prompt=5), 400, b"prompt=5: must be a non-empty string"),
     (dict(seed="x"), 400, b"seed='x': must be an integer"),
@@ -111,19 +117,55 @@ def test_pool_latency_record(server, tmp_path):
     (dict(steps=10000), 400, b"steps=10000: must be an integer from 1 to 100"),
     (dict(prompt="a" * 5000), 400, b"prompt of 5000 characters: at most 2000"),
     ([1, 2], 400, b"the body must be a JSON object"),
+    ("a string", 400, b"the body must be a JSON object"),
 ])
 def test_bad_requests_get_a_400_naming_the_field(server, body, status, message):
     code, answer = post(server.url, body)
     assert code == status and message in answer
+    assert b"Traceback" not in answer
 
 
-def test_bodies_that_are_not_json_or_too_large(server):
+def test_bodies_that_are_not_json_chunked_or_too_large(server):
     assert post(server.url, None, raw=b"{not json")[0] == 400
+    assert post(server.url, None, raw=b"\xff\xfe{")[0] == 400
     code, answer = post(server.url, None, raw=b'{"guidance": NaN}')  # Python's json reads NaN as a float
     assert code == 400 and b"guidance=nan: must be a finite number" in answer
     code, answer = post(server.url, None, raw=json.dumps(dict(prompt="p" * 100_000)).encode())
     assert code == 413 and b"at most 65536 are read" in answer
+    # A chunked body (no Content-Length) is read and checked like any other...
+    chunks = iter([b'{"height": ', b'1000, "prompt": "a red circle"}'])
+    r = httpx.post(server.url + "/generate", content=chunks, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.request.headers.get("transfer-encoding") == "chunked" and r.status_code == 400
+    assert b"height=1000: must be a multiple of 16" in r.content
+    # ... and refused once it grows past the limit, without reading the rest.
+    big = iter([b'{"prompt": "'] + [b"p" * 8192] * (MAX_BODY_BYTES // 8192 + 2) + [b'"}'])
+    r = httpx.post(server.url + "/generate", content=big, timeout=60)
+    assert r.status_code == 413
     assert health(server.url)[1]["healthy"]
+
+
+def test_hostile_http_gets_clear_answers_and_no_traceback(server):
+    assert httpx.get(server.url + "/generate", timeout=30).status_code == 405
+    assert httpx.post(server.url + "/nowhere", timeout=30).status_code == 404
+    assert httpx.get(server.url + "/../../etc/passwd", timeout=30).status_code == 404
+    # A Content-Length that is not a number, and one larger than the limit (body never sent), over a raw socket.
+    host, port = server.url.removeprefix("http://").split(":")
+    for header, expect in ((b"Content-Length: abc", b" 400 "), (b"Content-Length: 999999999", b" 413 ")):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+            answer = s.recv(4096)
+        assert expect in answer.split(b"\r\n")[0] and b"Traceback" not in answer, answer[:200]
+    assert health(server.url) == (200, health(server.url)[1]) and health(server.url)[1]["healthy"]
+
+
+def test_api_is_described_and_responses_carry_an_id_and_time(server):
+    schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    request = schema["components"]["schemas"]["GenerateRequest"]
+    assert request["properties"]["steps"]["maximum"] == 100 and request["properties"]["prompt"]["maxLength"] == 2000
+    assert request["additionalProperties"] is False
+    assert httpx.get(server.url + "/docs", timeout=30).status_code == 200
+    r = httpx.post(server.url + "/generate", json=dict(height=100), timeout=60)
+    assert len(r.headers["x-request-id"]) == 12 and float(r.headers["x-process-time-s"]) >= 0
 
 
 def test_a_request_failing_inside_the_pipeline_gets_a_500_and_the_pool_serves_on(server):
@@ -190,7 +232,7 @@ def test_soak_mixed_requests_leave_the_pool_healthy_and_unchanged(server):
     code, state = health(server.url)
     assert code == 200 and state["healthy"] and state["alive"] == 2
     code, after = post(server.url, probe)
-    assert code == 200 and np.array_equal(pixels(after), pixels(before))
+    assert code == 200 and after == before  # the same image bytes
 
 
 @pytest.mark.parametrize("args, message", [
@@ -201,9 +243,53 @@ def test_soak_mixed_requests_leave_the_pool_healthy_and_unchanged(server):
     (["--port", "70000"], "port=70000"),
     (["--cache", "nan"], "cache threshold=nan"),
     (["--model-source", "/nowhere"], "no such folder"),
+    (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:8000"),
+    (["--model-source", "flux-dev-random"], "the server with the full-size model needs a CUDA GPU with 40 GB"),
 ])
 def test_server_options_are_checked_before_any_process_starts(args, message):
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "fluxlab", "serve", "--device", "cpu", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert done.returncode != 0 and message in done.stderr and time.monotonic() - start < 30
+    assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_refused_before_any_process_starts():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "fluxlab", "serve", "--device", "cpu", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert time.monotonic() - start < 30 and "Traceback" not in done.stderr
+
+
+def test_a_pool_that_cannot_start_says_why_in_its_last_line(tmp_path):
+    broken = tmp_path / "broken-pipeline"
+    shutil.copytree(TINY_DIR, broken)
+    for f in broken.glob("transformer/*.safetensors"):
+        f.unlink()
+    done = subprocess.run([sys.executable, "-m", "fluxlab", "serve", "--device", "cpu", "--model-source", str(broken)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and last.startswith(f"error: the pool of {broken}") and "did not start:" in last
+    assert "ModelUnavailable" in last or "safetensors" in last, last
+
+
+def test_the_server_serves_over_http_and_stops_on_sigterm():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fluxlab", "serve", "--device", "cpu", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert f"listening on http://127.0.0.1:{port}" in line, line + proc.stderr.read()
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json=dict(prompt=PROMPTS[0], steps=4), timeout=120)
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert f"request {r.headers['x-request-id']} POST /generate 200" in proc.stderr.read()

@@ -1,0 +1,226 @@
+"""The serving pool's HTTP front: FastAPI on uvicorn, `python -m fluxlab serve`.
+
+`POST /generate` takes a JSON request (`GenerateRequest`, checked by `fluxlab.check_settings` against the server's
+limits: one set of rules) and answers with a PNG; `GET /health` reports the pool; `/docs` describes both. Everything
+is checked before any process starts or any weight loads: options, the socket (bound first, then handed to
+uvicorn), the model source against the device, the GPUs' free memory.
+
+Status codes: 200 the image; 400 a request that breaks a rule (the message names the field, the value and what is
+allowed); 404/405 another path or method; 413 a body over `MAX_BODY_BYTES`; 500 the pipeline failed on every
+process (the pool serves on); 503 the pool is unhealthy or a process failed or died (it restarts); 504 a request
+outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Request-Id` and `X-Process-Time-s`,
+and the server logs one line per request with both.
+"""
+import argparse
+import signal
+import socket
+import sys
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
+
+from .book import chapter, check_full_size, full_size
+from .serve import REQUEST_FIELDS, Pool, PoolConfig, PoolError
+from .settings import SERVER_LIMITS, Limits, check_int
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def request_model(pool: Pool) -> type[BaseModel]:
+    """The request as a pydantic model: its schema is generated from the pool's limits and defaults, its validation
+    is the pool's own check (`Pool.check`, i.e. `fluxlab.check_settings`), so the rules live in one place."""
+    limits, base = pool.limits, pool.base
+    side = {"type": "integer", "multipleOf": 16, "maximum": limits.max_side}
+    schemas = dict(prompt={"type": "string", "maxLength": limits.max_prompt_chars},
+                   seed={"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, height=side, width=side,
+                   steps={"type": "integer", "minimum": 1, "maximum": limits.max_steps},
+                   guidance={"type": "number", "minimum": 0, "maximum": 100})
+    fields = {name: (Annotated[Any, WithJsonSchema(schemas[name])],
+                     Field(None, description=f"default: {getattr(base, name)!r}")) for name in REQUEST_FIELDS}
+
+    def checked(request):
+        request.__dict__.update(pool.check(request.model_dump(exclude_none=True)))
+        return request
+
+    return create_model("GenerateRequest", __config__=ConfigDict(extra="forbid"),
+                        __validators__=dict(checked=model_validator(mode="after")(checked)), **fields)
+
+
+def explain(errors: list[dict]) -> str:
+    """pydantic's errors as one line a client can act on: the field, the value and what is allowed."""
+    parts = []
+    for e in errors:
+        where = [str(x) for x in e["loc"] if x != "body"]
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown field {where[-1]!r}; allowed: {list(REQUEST_FIELDS)}")
+        elif e["type"] == "value_error":
+            parts.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+        elif e["type"] in ("model_attributes_type", "dict_type", "model_type"):
+            parts.append('the body must be a JSON object, e.g. {"prompt": "...", "seed": 1}')
+        else:
+            parts.append(f"{'.'.join(where) or 'body'}={e.get('input')!r}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes, declared or streamed (chunked), before the app reads them:
+    neither Starlette nor uvicorn sets such a limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, receive, send, declared)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(scope, receive, send, None)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, declared):
+        if declared is not None and not declared.isdigit():
+            status, error = 400, f"Content-Length={declared.decode(errors='replace')!r}: must be a whole number"
+        else:
+            status, error = 413, f"the body is larger than {self.limit} bytes; at most {self.limit} are read"
+        await JSONResponse(dict(error=error), status, headers={"Connection": "close"})(scope, receive, send)
+
+
+def make_app(pool: Pool) -> FastAPI:
+    GenerateRequest = request_model(pool)
+    app = FastAPI(title="fluxlab", summary="FLUX images from a persistent pool of processes",
+                  description=__doc__.split("\n\n", 1)[1])
+
+    @app.middleware("http")
+    async def request_id(request, call_next):
+        rid, start = uuid.uuid4().hex[:12], time.perf_counter()
+        request.state.id = rid
+        response = await call_next(request)
+        seconds = time.perf_counter() - start
+        response.headers.update({"X-Request-Id": rid, "X-Process-Time-s": f"{seconds:.3f}"})
+        print(f"request {rid} {request.method} {request.url.path} {response.status_code} {seconds:.3f} s",
+              file=sys.stderr, flush=True)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, err: RequestValidationError):
+        return JSONResponse(dict(error=explain(err.errors())), 400)
+
+    @app.post("/generate", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "the image"},
+                         400: {"description": "a request that breaks a rule"}, 413: {"description": "body too large"},
+                         500: {"description": "the pipeline failed"}, 503: {"description": "the pool restarts"},
+                         504: {"description": "the request outlived its time limit"}})
+    def generate(request: GenerateRequest | None = None):
+        """One image for the request (fields left out take the pool's defaults); requests are served in order."""
+        fields = {k: getattr(request or GenerateRequest(), k) for k in REQUEST_FIELDS}
+        try:
+            png, first_use = pool.generate(fields)
+        except PoolError as err:
+            return JSONResponse(dict(error=str(err)), err.status)
+        return Response(png, media_type="image/png", headers={"X-Fluxlab-First-Use-Of-Shape": str(first_use).lower()})
+
+    @app.get("/health")
+    def health():
+        """The pool's state: healthy, processes alive, requests served and failed, restarts."""
+        state = pool.health()
+        return JSONResponse(state, 200 if state["healthy"] else 503)
+
+    return BodyLimit(app, MAX_BODY_BYTES)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any process starts: a bad host or a taken port fails at once."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror if isinstance(err, OSError) else err}") \
+            from None
+    sock.listen(128)
+    return sock
+
+
+def check_device(config: PoolConfig, base) -> None:
+    """The runner's check (the full-size model needs a CUDA GPU with the memory the chapters declare), and enough
+    free memory on each GPU the pool will use, before any process starts."""
+    need = chapter("04_context_parallel")["gpu_memory_gb"]
+    check_full_size(need, base.source, base.device, "the server")
+    if base.device.type == "cuda" and full_size(base.source):
+        import torch
+
+        for index in range(config.nproc):
+            free = torch.cuda.mem_get_info(index)[0] / 1e9
+            if free < need:
+                raise ValueError(f"GPU {index} has {free:.0f} GB free; the full-size model needs {need} GB per "
+                                 "process (is another job using it?)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fluxlab serve", description="Serve FLUX images over HTTP.")
+    parser.add_argument("--model-source", default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs, or CPU ranks with gloo)")
+    parser.add_argument("--cache", type=float)
+    parser.add_argument("--fp8", choices=("rowwise", "tensorwise"))
+    parser.add_argument("--compile", choices=("regional", "full"))
+    parser.add_argument("--graphs", action="store_true", help="CUDA graphs of the blocks (fluxlab.graphs)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
+    parser.add_argument("--max-side", type=int, default=SERVER_LIMITS.max_side, help="largest height or width")
+    parser.add_argument("--max-prompt-chars", type=int, default=SERVER_LIMITS.max_prompt_chars)
+    parser.add_argument("--request-timeout-s", type=float, default=600)
+    args = parser.parse_args(argv)
+    try:
+        check_int("port", args.port, 0, 65535)
+        limits = Limits(max_steps=check_int("max_steps", args.max_steps, 1, 10_000),
+                        max_side=check_int("max_side", args.max_side, 16, 16_384),
+                        max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
+        config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
+                            args.graphs)
+        check_device(config, config.check())
+        sock = bind(args.host, args.port)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
+        pool = Pool(config, limits, request_timeout_s=args.request_timeout_s)
+    except PoolError as err:
+        raise SystemExit(f"error: {err}") from None
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(make_app(pool), log_level="warning", access_log=False))
+    host, port = sock.getsockname()[:2]
+    print(f"fluxlab serving {args.model_source} on {args.nproc} process(es), warm-up {pool.warmup_s:.1f} s: "
+          f"listening on http://{host}:{port} (API: /docs)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        pool.close()
