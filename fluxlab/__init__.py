@@ -13,6 +13,9 @@ for _name in ("torch.utils._pytree", "torchao"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+# torch's AOT-autograd cache asks every tensor subclass for a hash that torchao's Float8Tensor lacks: the graph is
+# recompiled instead of read from the on-disk cache, nothing else changes.
+warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
 from . import book, cache, compare, figures, graphs, ladder, parallel, profiling, quant, records, report, shapes  # noqa: E402
 from .applied import applied, describe  # noqa: E402

@@ -71,6 +71,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(f"compile ({done['compile']['scope']})")
     if done.get("graphs", {}).get("cuda_graphs"):
         parts.append("CUDA graphs")
+    elif "graphs" in done:  # asked for, but no CUDA here: the blocks ran compiled, without graphs
+        parts.append("graph path without CUDA graphs")
     if "attention" in done:
         parts.append(f"attention {done['attention'].strip('_')}")
     if "fuse_qkv" in done:

@@ -23,6 +23,13 @@ def chapter(name: str) -> dict:
     return found[0]
 
 
+def expected(ch: dict, settings, label: str) -> list | None:
+    """[seconds, label]: how long the chapter took for this source on this kind of device where the book was made
+    (`expected_s` in chapters.toml), for a progress estimate before any local run; None where unknown."""
+    seconds = ch.get("expected_s", {}).get(f"{settings.source.kind}-{settings.device.type}")
+    return [seconds, label] if seconds else None
+
+
 def runs(out: Path) -> dict:
     """The runner's log of chapters executed into `out` (name -> status, duration, processes, device)."""
     path = Path(out) / "chapters.json"

@@ -114,8 +114,10 @@ class Progress:
     """Which cell of how many, time so far and an estimate: a live line on a terminal, plain lines (one per cell,
     and one every 30 s within a long cell) elsewhere."""
 
-    def __init__(self, name: str, expected_s: float | None):
-        self.name, self.expected_s, self.tty = name, expected_s, sys.stdout.isatty()
+    def __init__(self, name: str, expected: list | None):
+        """`expected`: [seconds, where the estimate comes from ("last run" or "expected")], or None."""
+        self.name, self.tty = name, sys.stdout.isatty()
+        self.expected_s, self.basis = expected or (None, None)
         self.start, self.cell, self.cells = time.monotonic(), 0, 0
         self.done = threading.Event()
         threading.Thread(target=self._tick, daemon=True).start()
@@ -124,7 +126,8 @@ class Progress:
         elapsed = time.monotonic() - self.start
         text = f"   {self.name}: cell {self.cell}/{self.cells}, {_clock(elapsed)} elapsed"
         if self.expected_s:
-            text += f", about {_clock(max(0.0, self.expected_s - elapsed))} left (last run {_clock(self.expected_s)})"
+            text += (f", about {_clock(max(0.0, self.expected_s - elapsed))} left ({self.basis} "
+                     f"{_clock(self.expected_s)})")
         return text
 
     def enter(self, cell: int, cells: int) -> None:
@@ -183,7 +186,7 @@ def execute(notebook: Path, output: Path, params: dict, timeout_s: int, progress
                                kernel_manager_class=IPCKernelManager)
 
 
-def execute_rank(notebook: Path, staging: Path, params: dict, timeout_s: int, expected_s: float | None) -> None:
+def execute_rank(notebook: Path, staging: Path, params: dict, timeout_s: int, expected: list | None) -> None:
     """One torchrun rank: execute the notebook; rank 0 shows progress and writes the notebook that goes into the
     book."""
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -193,7 +196,7 @@ def execute_rank(notebook: Path, staging: Path, params: dict, timeout_s: int, ex
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rank = int(os.environ["RANK"])
     name = notebook.stem if rank == 0 else f"{notebook.stem}.rank{rank}"
-    progress = Progress(notebook.stem, expected_s) if rank == 0 else None
+    progress = Progress(notebook.stem, expected) if rank == 0 else None
     try:
         record(execute)(notebook, staging / f"{name}.ipynb", params, timeout_s, progress)
     finally:
@@ -213,7 +216,7 @@ def hide_injected_parameters(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def run_chapter(chapter: dict, params: dict, out: Path, staging_root: Path, nproc: int, expected_s) -> list[str]:
+def run_chapter(chapter: dict, params: dict, out: Path, staging_root: Path, nproc: int, expected) -> list[str]:
     """Execute one chapter into staging; on success move its notebook and records under `out`. Returns the
     record files it wrote."""
     name, timeout_s = chapter["name"], chapter["timeout_s"]
@@ -226,12 +229,12 @@ def run_chapter(chapter: dict, params: dict, out: Path, staging_root: Path, npro
     if chapter["processes"] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                __file__, "--execute-rank", str(notebook), str(staging), json.dumps(params), str(timeout_s),
-               json.dumps(expected_s)]
+               json.dumps(expected)]
         if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(f"chapter {name} failed under torchrun ({nproc} processes); see the rank's error "
                                f"above and the executed notebooks in {staging}")
     else:
-        progress = Progress(name, expected_s)
+        progress = Progress(name, expected)
         try:
             execute(notebook, staging / f"{name}.ipynb", params, timeout_s, progress)
         finally:
@@ -340,7 +343,9 @@ def main() -> None:
             print(f"== {name} ({nproc} process{'es' * (nproc > 1)})", flush=True)
             start = time.perf_counter()
             try:
-                written = run_chapter(chapter, params, out, staging_root, nproc, runs.get(name, {}).get("duration_s"))
+                last = runs.get(name, {}).get("duration_s")
+                expected = [last, "last run"] if last else book.expected(chapter, settings, "expected")
+                written = run_chapter(chapter, params, out, staging_root, nproc, expected)
             except Exception as err:  # papermill's error carries the failing cell's traceback
                 print(f"\nerror: chapter {name} failed:\n{err}", file=sys.stderr)
                 write_status(out, args.title)

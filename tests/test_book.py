@@ -1,4 +1,5 @@
 """The runner: bad input refused up front; the whole book executed on the tiny source, with progress, and rendered."""
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -55,6 +56,20 @@ def test_runner_refuses_bad_input_before_running(out, args, message):
     assert not out.exists()
 
 
+def test_runner_names_a_missing_tool_before_running(monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_book", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    monkeypatch.setattr(runner, "jupyter_book", lambda: None)
+    with pytest.raises(SystemExit, match=r"missing package\(s\) jupyter-book: .* pass --no-build"):
+        runner.check_tools(build=True, execute=True)
+    runner.check_tools(build=False, execute=True)  # --no-build needs no jupyter-book
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "papermill" else real(name))
+    with pytest.raises(SystemExit, match=r"missing package\(s\) papermill: pip install -e '.\[book\]'$"):
+        runner.check_tools(build=False, execute=True)
+
+
 def test_small_runs_that_used_to_crash_now_run(out):
     """2 steps, and a threshold that skips every step after the first (the adherence reader meets blurry images)."""
     result = run("--out", out, "--chapters", "01_baseline,02_first_block_cache", "-p", "steps=2", "-p",
@@ -88,6 +103,7 @@ def test_whole_book_on_tiny(out, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # What a newcomer sees: progress per cell with an estimate, one summary at the end, no transport warning.
     assert re.search(r"01_baseline: cell \d+/\d+, 0:\d\d elapsed", result.stdout)
+    assert re.search(r"01_baseline: cell \d+/\d+, .* left \(expected 0:20\)", result.stdout)  # a fresh folder
     assert "Kernel is running over TCP" not in result.stderr + result.stdout
     summary = result.stdout[result.stdout.index("== summary"):]
     assert all(name in summary for name in CHAPTERS) and "record file(s)" in summary
