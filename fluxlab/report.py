@@ -249,7 +249,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
         r = row(rec, folder, compare.baseline_for(rec, records))
         lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | " + " | ".join(_cells(r))
                      + " |")
-    head = f"*{where(found)}*\n\n" if found else ""
+    head = cpu_note(found[0]) + f"*{where(found)}*\n\n" if found else ""
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
                "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
                "speedups are over the plain pipeline of the same chapter run.")

@@ -41,6 +41,7 @@ def test_conclusion_rows_are_matched_by_what_was_applied(tmp_path, tiny, tiny_pi
     assert compare.find(recs, {"cache": 0.12}) is None and compare.find(recs, {"cache": 0.3}, processes=2) is None
     assert compare.baseline_for(cached, recs)["name"] == "baseline"
     md = report.conclusion_table(rows, recs, tmp_path).data
+    assert md.startswith(f"*{report.CPU_NOTE}*")  # timed on a CPU: the page says what such timings are for
     assert md.count("not run") == 3 and "| CP | 2 | — | not run: no 2-process run of it in this book |" in md
     assert f"| FBCache | 1 | 17.01 (1.55x) | FBCache 0.3 | {cached['timing']['median_s']:.3f}" in md
     # ratios only within one chapter's run: a baseline of another chapter in the same runner invocation is not it
