@@ -8,8 +8,8 @@ uvicorn), the model source against the device, the GPUs' free memory.
 Status codes: 200 the image; 400 a request that breaks a rule (the message names the field, the value and what is
 allowed); 404/405 another path or method; 413 a body over `MAX_BODY_BYTES`; 500 the pipeline failed on every
 process (the pool serves on); 503 the pool is unhealthy or a process failed or died (it restarts); 504 a request
-outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Request-Id` and `X-Process-Time-s`,
-and the server logs one line per request with both.
+outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Request-Id` and `X-Process-Time-s`
+(seconds to its first byte), and the server logs one line per request with both.
 """
 import argparse
 import signal
@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from .book import chapter, check_full_size, full_size
@@ -110,21 +111,38 @@ class BodyLimit:
         await JSONResponse(dict(error=error), status, headers={"Connection": "close"})(scope, receive, send)
 
 
-def make_app(pool: Pool) -> FastAPI:
+class RequestLog:
+    """Outermost layer: every request gets an id, and its response the id and the seconds to its first byte
+    (`X-Request-Id`, `X-Process-Time-s`), refusals by `BodyLimit` included; one log line per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid, start, status = uuid.uuid4().hex[:12], time.perf_counter(), None
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-Id"] = rid
+                headers["X-Process-Time-s"] = f"{time.perf_counter() - start:.3f}"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            print(f"request {rid} {scope['method']} {scope['path']} {status} {time.perf_counter() - start:.3f} s",
+                  file=sys.stderr, flush=True)
+
+
+def make_app(pool: Pool):
     GenerateRequest = request_model(pool)
     app = FastAPI(title="fluxlab", summary="FLUX images from a persistent pool of processes",
                   description=__doc__.split("\n\n", 1)[1])
-
-    @app.middleware("http")
-    async def request_id(request, call_next):
-        rid, start = uuid.uuid4().hex[:12], time.perf_counter()
-        request.state.id = rid
-        response = await call_next(request)
-        seconds = time.perf_counter() - start
-        response.headers.update({"X-Request-Id": rid, "X-Process-Time-s": f"{seconds:.3f}"})
-        print(f"request {rid} {request.method} {request.url.path} {response.status_code} {seconds:.3f} s",
-              file=sys.stderr, flush=True)
-        return response
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, err: RequestValidationError):
@@ -150,7 +168,7 @@ def make_app(pool: Pool) -> FastAPI:
         state = pool.health()
         return JSONResponse(state, 200 if state["healthy"] else 503)
 
-    return BodyLimit(app, MAX_BODY_BYTES)
+    return RequestLog(BodyLimit(app, MAX_BODY_BYTES))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -3,8 +3,8 @@
     python scripts/wheelhouse.py download .whl [--python-version 3.12] [--skip have.txt] [--pin torchao==0.17.0]
     python scripts/wheelhouse.py install .whl [--target /tmp/site]                         # on the GPU machine
 
-`download` resolves fluxlab's dependencies and the chapter runner's (papermill, ipykernel; the book is rendered
-elsewhere) for the target Python on manylinux x86_64, leaves out the GPU machine's own torch stack (torch, triton,
+`download` resolves fluxlab's dependencies, the chapter runner's (papermill, ipykernel; the book is rendered
+elsewhere) and the server's (the `serve` extra) for the target Python on manylinux x86_64, leaves out the GPU machine's own torch stack (torch, triton,
 nvidia-*, cuda-*) and any name listed in `--skip` (one per line: what the target already has, e.g. from
 `pip list --format freeze` there), and downloads exactly those wheels. `install` installs them without an index;
 with `--target`, add that folder to PYTHONPATH.
@@ -32,7 +32,7 @@ def normalise(name: str) -> str:
 def requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     book = [r for r in project["optional-dependencies"]["book"] if r.split("=")[0].strip() in RUNNER]
-    return project["dependencies"] + book
+    return project["dependencies"] + book + project["optional-dependencies"]["serve"]
 
 
 def select(report: dict, skip: set[str]) -> list[str]:

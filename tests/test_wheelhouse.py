@@ -7,9 +7,10 @@ wheelhouse = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wheelhouse)
 
 
-def test_requirements_are_the_projects_plus_the_runner():
+def test_requirements_are_the_projects_plus_the_runner_and_the_server():
     reqs = wheelhouse.requirements()
     assert "diffusers==0.42.1" in reqs and "papermill==2.7.0" in reqs
+    assert any(r.startswith("fastapi==") for r in reqs) and any(r.startswith("uvicorn==") for r in reqs)
     assert not any(r.startswith("jupyter-book") for r in reqs)  # the book is rendered elsewhere
 
 
