@@ -246,13 +246,16 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
             lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} | — | — | — | — | — |")
             continue
         found.append(rec)
-        r = row(rec, folder, compare.baseline_for(rec, records))
-        lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | " + " | ".join(_cells(r))
+        base = compare.baseline_for(rec, records)
+        cells = _cells(row(rec, folder, base))
+        if base is not None:  # each row's own baseline, which may differ from the Baseline row's run
+            cells[1] += f" of {base['timing']['median_s']:.3f} s"
+        lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | " + " | ".join(cells)
                      + " |")
     head = cpu_note(found[0]) + f"*{where(found)}*\n\n" if found else ""
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
                "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
-               "speedups are over the plain pipeline of the same chapter run.")
+               "speedups are over the plain pipeline of the same chapter run, whose median the cell gives.")
     return Markdown(head + "\n".join(lines) + "\n\n" + _notes(found, [article]))
 
 
