@@ -80,9 +80,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._refuse(scope, receive, send, declared)
+        declared = dict(scope["headers"]).get(b"content-length", b"")  # uvicorn's parser refuses a malformed one
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -91,7 +91,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await self._refuse(scope, receive, send, None)
+                return await self._refuse(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -103,12 +103,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send, declared):
-        if declared is not None and not declared.isdigit():
-            status, error = 400, f"Content-Length={declared.decode(errors='replace')!r}: must be a whole number"
-        else:
-            status, error = 413, f"the body is larger than {self.limit} bytes; at most {self.limit} are read"
-        await JSONResponse(dict(error=error), status, headers={"Connection": "close"})(scope, receive, send)
+    async def _refuse(self, scope, receive, send):
+        error = f"the body is larger than {self.limit} bytes; at most {self.limit} are read"
+        await JSONResponse(dict(error=error), 413, headers={"Connection": "close"})(scope, receive, send)
 
 
 class RequestLog:

@@ -23,11 +23,10 @@ def chapter(name: str) -> dict:
     return found[0]
 
 
-def expected(ch: dict, settings, label: str) -> list | None:
-    """[seconds, label]: how long the chapter took for this source on this kind of device where the book was made
-    (`expected_s` in chapters.toml), for a progress estimate before any local run; None where unknown."""
-    seconds = ch.get("expected_s", {}).get(f"{settings.source.kind}-{settings.device.type}")
-    return [seconds, label] if seconds else None
+def expected_s(ch: dict, settings) -> float | None:
+    """How long the chapter took for this source on this kind of device where the book was made (`expected_s` in
+    chapters.toml), for a progress estimate before any local run; None where unknown."""
+    return ch.get("expected_s", {}).get(f"{settings.source.kind}-{settings.device.type}")
 
 
 def runs(out: Path) -> dict:

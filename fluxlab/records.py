@@ -43,8 +43,8 @@ FIELDS = ("schema", "name", "chapter", "label", "model_source", "model_weights",
 TIMING = ("warmup_s", "times_s", "min_s", "median_s", "cold_start_s")
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "accelerate", "safetensors", "fluxlab")
 PROVENANCE = ("git_commit", "versions", "device_name", "device_count", "world_size", "date_utc", "run_id")
-# One id per runner invocation (set by scripts/run_book.py), else per process: ratios only within one run.
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# One id per runner invocation (set by scripts/run_book.py), else per process: ratios only within one run.
 RUN_ID = os.environ.get("FLUXLAB_RUN_ID") or uuid.uuid4().hex[:12]
 
 

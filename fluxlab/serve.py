@@ -112,7 +112,7 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
                 image.save(buffer, format="PNG", compress_level=1)  # fast: noise images do not compress anyway
                 png = buffer.getvalue()
             results.put((number, rank, "ok", png))
-        except Exception:  # the server's log keeps the traceback; the client gets its last line
+        except Exception:  # the server's log keeps the traceback; the client gets its cause in one line
             print(f"request {number} failed on rank {rank}:", file=sys.stderr)
             traceback.print_exc()
             results.put((number, rank, "failed", _cause()))

@@ -343,8 +343,8 @@ def main() -> None:
             print(f"== {name} ({nproc} process{'es' * (nproc > 1)})", flush=True)
             start = time.perf_counter()
             try:
-                last = runs.get(name, {}).get("duration_s")
-                expected = [last, "last run"] if last else book.expected(chapter, settings, "expected")
+                last, shipped = runs.get(name, {}).get("duration_s"), book.expected_s(chapter, settings)
+                expected = [last, "last run"] if last else [shipped, "expected"] if shipped else None
                 written = run_chapter(chapter, params, out, staging_root, nproc, expected)
             except Exception as err:  # papermill's error carries the failing cell's traceback
                 print(f"\nerror: chapter {name} failed:\n{err}", file=sys.stderr)
