@@ -135,10 +135,10 @@ def phases(rec: dict):
                 label=f"{len(steps)} transformer steps: {sum(steps):.3f} s" if i == 0 else None)
         left += s
     ax.barh([0], [rest], left=left, color="#dd8452", label=f"rest: {rest:.3f} s")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, frameon=False)
+    fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)
     ax.set_yticks([])
     ax.set_xlabel("seconds (one image)")
     ax.set_title(f"{rec['provenance']['device_name']}, {rec['model_source']}: text encoders, scheduler and VAE "
                  "are the rest", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # the legend sits below the axis label
     return fig
