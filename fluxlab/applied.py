@@ -1,6 +1,7 @@
 """What has been done to a pipeline, read off the pipeline itself: records describe what ran, whichever code (a
 chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 from . import cache, quant
 
@@ -31,6 +32,8 @@ def applied(pipe) -> dict:
     if config is not None and config.context_parallel_config is not None:
         cp = config.context_parallel_config
         done["parallel"] = dict(ulysses=cp.ulysses_degree, ring=cp.ring_degree)
+        if any(type(p).__name__ == "OneExchangeProcessor" for p in transformer.attn_processors.values()):
+            done["parallel"]["exchange"] = "one all-to-all for q, k, v"
     capture = getattr(transformer, "_fluxlab_capture", None)
     if capture is not None:
         done["graphs"] = dict(cuda_graphs=capture.enabled, blocks_compiled=capture.compiled)
@@ -45,6 +48,9 @@ def applied(pipe) -> dict:
     scope = _compile_scope(pipe)
     if scope:
         done["compile"] = dict(scope=scope)
+        options = getattr(transformer, "_fluxlab_compile_options", None)
+        if options:
+            done["compile"]["options"] = options
     if getattr(pipe.vae, "use_tiling", False):
         done["vae_tiling"] = True
     hooks = [getattr(m, "_hf_hook", None) for m in (pipe.transformer, pipe.vae)]
@@ -52,6 +58,8 @@ def applied(pipe) -> dict:
         done["offload"] = "model"
     elif any(h is not None for h in hooks):
         done["offload"] = "sequential"
+    elif _is_group_offload_enabled(pipe.text_encoder_2):
+        done["offload"] = "encoders"
     conv = pipe.vae.decoder.conv_in.weight
     if conv.dim() == 4 and conv.shape[1] > 1 and conv.is_contiguous(memory_format=torch.channels_last) \
             and not conv.is_contiguous():
@@ -68,7 +76,11 @@ def describe(done: dict, processes: int = 1) -> str:
         fp8 = done["fp8"]
         parts.append(f"FP8 DQ {fp8['granularity']}" if fp8["dynamic_activation"] else "FP8 weight-only")
     if "compile" in done:
-        parts.append(f"compile ({done['compile']['scope']})")
+        options = done["compile"].get("options") or {}
+        extra = "".join(f", {name}" for key, name in (("coordinate_descent_tuning", "inductor flags"),
+                                                      ("reorder_for_compute_comm_overlap", "comm. overlap"))
+                        if options.get(key))
+        parts.append(f"compile ({done['compile']['scope']}{extra})")
     if done.get("graphs", {}).get("cuda_graphs"):
         parts.append("CUDA graphs")
     elif "graphs" in done:  # asked for, but no CUDA here: the blocks ran compiled, without graphs
@@ -85,5 +97,6 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(f"{done['offload']} CPU offload")
     if "parallel" in done:
         p = done["parallel"]
-        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']})")
+        one = ", one q/k/v exchange" if p.get("exchange") else ""
+        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']}{one})")
     return " + ".join(parts) or "baseline"

@@ -92,9 +92,9 @@ def repeated_blocks(transformer) -> list[torch.nn.Module]:
     return [m for m in transformer.modules() if type(m).__name__ in names]
 
 
-def capture_blocks(transformer, compile: bool = True, mode: str | None = None) -> Capture:
-    """Compile each repeated block (one compiled function per block class, like `compile_repeated_blocks`) and
-    replay it from a CUDA graph. Apply before `enable_cache` so that the cache's hooks wrap the graphs. On a device
+def capture_blocks(transformer, compile: bool = True, options: dict | None = None) -> Capture:
+    """Compile each repeated block (one compiled function per block class, like `compile_repeated_blocks`, with
+    torch.compile's `options`) and replay it from a CUDA graph. Apply before `enable_cache` so that the cache's hooks wrap the graphs. On a device
     without CUDA the blocks run compiled, without graphs, and this says so."""
     blocks = repeated_blocks(transformer)
     if any(hasattr(b, "_diffusers_hook") and b._diffusers_hook._hook_order for b in blocks):
@@ -107,7 +107,7 @@ def capture_blocks(transformer, compile: bool = True, mode: str | None = None) -
     for block in blocks:
         cls = type(block)
         if cls not in forwards:
-            forwards[cls] = torch.compile(cls.forward, fullgraph=True, mode=mode) if compile else cls.forward
+            forwards[cls] = torch.compile(cls.forward, fullgraph=True, options=options) if compile else cls.forward
         HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockGraph(forwards[cls], capture), HOOK)
     transformer._fluxlab_capture = capture  # what `fluxlab.applied` reads
     return capture

@@ -37,10 +37,30 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle_gaps(kernels: list[tuple[str, float, float]], top: int = 6) -> dict:
+    """Where the GPU idles: the time with no kernel before the first and after the last one (host work: prompt
+    tokenization, image conversion), the gaps between kernels by size, and the `top` largest gaps with the kernels
+    on either side."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    gaps, end, last = [], float("-inf"), None
+    for name, a, b in ordered:
+        if last is not None and a > end:
+            gaps.append((a - end, last, name, end - ordered[0][1]))
+        if b > end:
+            end, last = b, name
+    sizes = [g[0] for g in gaps]
+    return dict(span_s=end - ordered[0][1] if ordered else 0.0,
+                between_kernels_s={"under 10 us": sum(g for g in sizes if g < 1e-5),
+                                   "10 us to 1 ms": sum(g for g in sizes if 1e-5 <= g < 1e-3),
+                                   "1 ms and over": sum(g for g in sizes if g >= 1e-3)},
+                largest=[dict(seconds=round(g, 6), at_s=round(at, 4), after=before[:80], before=after[:80])
+                         for g, before, after, at in sorted(gaps, reverse=True)[:top]])
+
+
 def breakdown(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
     """From (name, start_s, end_s) of every GPU kernel in one image: seconds of compute (union of non-NCCL kernels),
     of communication (union of NCCL kernels), of communication that overlaps no compute ("exposed"), and of idle
-    (wall time with no kernel at all); plus kernel time by kind (sums, for the ranking)."""
+    (wall time with no kernel at all, with `idle_gaps`); plus kernel time by kind (sums, for the ranking)."""
     compute = [(a, b) for n, a, b in kernels if kind(n) != "communication"]
     comm = [(a, b) for n, a, b in kernels if kind(n) == "communication"]
     busy = union_length(compute + comm)
@@ -53,7 +73,7 @@ def breakdown(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
     return dict(wall_s=wall_s, compute_s=compute_s, communication_s=union_length(comm),
                 exposed_communication_s=busy - compute_s, idle_s=max(0.0, wall_s - busy), kernels=len(kernels),
                 kernel_s_by_kind={k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top_kernels_s={k: round(v, 4) for k, v in top})
+                top_kernels_s={k: round(v, 4) for k, v in top}, idle=idle_gaps(kernels))
 
 
 def profile_call(fn, device: torch.device) -> dict:
@@ -99,10 +119,15 @@ def all_to_all_seconds(numel: int, dtype: torch.dtype, device: torch.device, ite
 def ulysses_traffic(settings, world_size: int, blocks: int, inner_dim: int, dtype: torch.dtype, device) -> dict:
     """The bare all-to-all of one Ulysses tensor (this image's tokens / processes x the attention width) and what
     Ulysses' traffic for one image would cost at that speed: 4 exchanges (query, key, value, output) per attention
-    layer per step, if none of it overlapped compute."""
+    layer per step, if none of it overlapped compute. `sweep`: the same call from 1 MB to 256 MB per process, with
+    one tensor and three (q, k and v in one exchange) among them: where latency ends and bandwidth begins."""
     tokens = settings.image_tokens + settings.max_sequence_length
-    one = all_to_all_seconds(tokens // world_size * inner_dim, dtype, device)
+    numel = tokens // world_size * inner_dim
+    one = all_to_all_seconds(numel, dtype, device)
     one["per_image_s"] = 4 * blocks * settings.steps * one["ms_median"] / 1e3
+    size = torch.finfo(dtype).bits // 8
+    sizes = sorted({2 ** 20 // size, 4 * 2 ** 20 // size, numel, 3 * numel, 64 * 2 ** 20 // size, 256 * 2 ** 20 // size})
+    one["sweep"] = [all_to_all_seconds(n, dtype, device, iters=20) for n in sizes]
     return one
 
 

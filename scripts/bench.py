@@ -10,8 +10,8 @@ Each configuration loads a fresh pipeline (default source flux-dev-random at the
 context-parallel ones (`cp-...`) on every process. The first configuration is the run's reference.
 With `--profile`, every process profiles one more image (compute, exposed communication and idle time as unions
 of kernel intervals) and, on two or more processes, the run times a bare all-to-all of one Ulysses tensor.
-Writes `<out>/bench-<N>gpu.json` (a list of records, `fluxlab.records`) only when every configuration succeeded;
-progress goes to `bench-<N>gpu.partial.json` after each configuration.
+Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; a list of records, `fluxlab.records`) only
+when every configuration succeeded; progress goes to `bench-<N>gpu.partial.json` after each configuration.
 """
 import argparse
 import gc
@@ -29,6 +29,7 @@ from fluxlab import parallel, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
+CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "exchange", "parallel")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -39,16 +40,27 @@ LADDER = {
     "fp8-graphs": (1, dict(FP8, graphs=True)),
     "fp8-cudnn-graphs": (1, dict(FP8, attention="_native_cudnn", graphs=True)),
     "fp8-cudnn-fused-graphs": (1, dict(FP8, attention="_native_cudnn", fuse_qkv=True, graphs=True)),
+    "fp8-fused-graphs": (1, dict(FP8, fuse_qkv=True, graphs=True)),
+    "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
+    "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
     "fbcache-fp8-graphs": (1, dict(FP8, cache=0.12, graphs=True)),
     # Memory: each component moves to the GPU when it runs (model), or each layer does (sequential: one timed
-    # call, it streams all weights over PCIe at every step).
+    # call, it streams all weights over PCIe at every step), or only the text encoders' blocks stream in
+    # (encoders). `cap_gb`: from the first call on, PyTorch may hold no more than this on the GPU (a smaller card).
     "offload": (1, dict(offload="model")),
     "fp8-offload": (1, dict(FP8, offload="model")),
+    "fp8-encoders-offload-graphs": (1, dict(FP8, offload="encoders", graphs=True)),
+    "fp8-encoders-offload-graphs-16gb": (1, dict(FP8, offload="encoders", graphs=True, cap_gb=16)),
     "sequential-offload": (1, dict(offload="sequential", vae_tiling=True, repeats=1)),
+    "sequential-offload-8gb": (1, dict(offload="sequential", vae_tiling=True, repeats=1, cap_gb=8)),
     "cp": (ALL, {}),
-    "cp-fp8": (ALL, FP8),
+    "cp-fp8": (ALL, dict(FP8, overlap=True)),
     "cp-fp8-graphs": (ALL, dict(FP8, graphs=True)),
     "cp-fp8-cudnn-graphs": (ALL, dict(FP8, attention="_native_cudnn", graphs=True)),
+    "cp-fp8-one-graphs": (ALL, dict(FP8, exchange="one", graphs=True)),
+    "cp-fp8-overlap-graphs": (ALL, dict(FP8, overlap=True, graphs=True)),
+    "cp-fp8-fused-flags-one-graphs": (ALL, dict(FP8, fuse_qkv=True, inductor_flags=True, exchange="one",
+                                                graphs=True)),
     "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),
     "cp-fbcache-fp8": (ALL, dict(FP8, cache=0.12)),
     "cp-fbcache-fp8-graphs": (ALL, dict(FP8, cache=0.12, graphs=True)),
@@ -58,31 +70,45 @@ LADDER = {
 }
 
 
-def optimize_kwargs(name: str, world_size: int) -> tuple[int, dict, int | None]:
-    """Processes, `fluxlab.optimize` arguments, and a cap on the timed calls (None: --repeats)."""
+def optimize_kwargs(name: str, world_size: int) -> tuple[int, dict, int | None, float | None]:
+    """Processes, `fluxlab.optimize` arguments, a cap on the timed calls (None: --repeats) and on GPU memory."""
     processes, kwargs = LADDER[name]
     kwargs = dict(kwargs)
-    repeats = kwargs.pop("repeats", None)
+    repeats, cap_gb = kwargs.pop("repeats", None), kwargs.pop("cap_gb", None)
     if processes == ALL:
         ring = kwargs.pop("ring", False)
         kwargs["parallel"] = (1, world_size) if ring else (world_size, 1)
         processes = world_size
-    return processes, kwargs, repeats
+    return processes, kwargs, repeats, cap_gb
+
+
+def cap_memory(device: torch.device, cap_gb: float | None) -> None:
+    """Let PyTorch hold at most `cap_gb` on this GPU from now on (None: all of it); over it, an allocation fails
+    with an out-of-memory error, as on a card of that size."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total) if cap_gb else 1.0, device)
 
 
 def run_config(name: str, settings, world, args, references: dict, traffic) -> dict | None:
-    processes, kwargs, repeats = optimize_kwargs(name, world.world_size)
+    processes, kwargs, repeats, cap_gb = optimize_kwargs(name, world.world_size)
     mine = processes > 1 or world.is_main
     rec = None
     if mine:
         run_world = world if processes > 1 else parallel.World(0, 1, world.device)
         pipe = fluxlab.load_pipeline(settings)
         fluxlab.optimize(pipe, **kwargs)
+        gc.collect()
+        torch.cuda.empty_cache()  # what loading and quantizing left in the allocator's cache is not the cap's
+        cap_memory(settings.device, cap_gb)  # loading and quantizing ran uncapped (full-size weights first)
         rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=None, world=run_world,
                               warmup=args.warmup, repeats=min(repeats or args.repeats, args.repeats),
                               extras={"vae_decode_s": fluxlab.vae_decode_seconds} if args.profile else None)
         latents = fluxlab.generate(pipe, settings, output_type="latent").float().cpu()
         per_rank = profiling.every_rank(pipe, settings) if args.profile else None
+        cap_memory(settings.device, None)
+        if cap_gb:
+            rec["extras"].update(memory_cap_gb=cap_gb, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         if world.is_main:
             precision = str(rec["optimizations"].get("fp8"))
             reference = references.setdefault(precision, (name, latents))
@@ -96,7 +122,10 @@ def run_config(name: str, settings, world, args, references: dict, traffic) -> d
             for rank, b in enumerate(per_rank or []):
                 print(f"    rank {rank}: wall {b['wall_s']:.3f} s, compute {b['compute_s']:.3f}, communication "
                       f"{b['communication_s']:.3f} (exposed {b['exposed_communication_s']:.3f}), idle "
-                      f"{b['idle_s']:.3f}, {b['kernels']} kernels", flush=True)
+                      f"{b['idle_s']:.3f} ({', '.join(f'{k} {v:.3f}' for k, v in b['idle']['between_kernels_s'].items())}"
+                      f" between kernels), {b['kernels']} kernels; largest gaps: "
+                      + "; ".join(f"{g['seconds'] * 1e3:.2f} ms after {g['after'][:40]}" for g in b["idle"]["largest"][:3]),
+                      flush=True)
         if "compile" in kwargs and world.is_main:
             print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         del pipe
@@ -118,22 +147,24 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "book" / "results"))
+    parser.add_argument("--tag", default="", help="a second run of the same process count: bench-<N>gpu-<tag>.json")
     parser.add_argument("--profile", action="store_true",
                         help="per process: compute / exposed communication / idle of one image; bare all-to-all")
     args = parser.parse_args()
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in LADDER]
     try:
+        if not all(c.isalnum() or c in "-_" for c in args.tag):
+            raise ValueError(f"--tag {args.tag!r}: letters, digits, '-' and '_' only")
         if not names or unknown:
             raise ValueError(f"unknown or no configuration(s) {unknown}; allowed: {list(LADDER)}")
         if len(set(names)) != len(names):
             raise ValueError(f"a configuration is listed twice: {names}")
         settings = fluxlab.check_settings(args.source, steps=args.steps, height=args.height, width=args.width)
-        for name in names:
-            fluxlab.check_options(**{k: v for k, v in LADDER[name][1].items()
-                                     if k in ("cache", "fp8", "compile", "graphs", "offload")},
-                                  device=settings.device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        for name in names:
+            kwargs = optimize_kwargs(name, max(world_size, 2))[1]
+            fluxlab.check_options(**{k: v for k, v in kwargs.items() if k in CHECKED}, device=settings.device)
         if any(LADDER[c][0] == ALL for c in names):
             if world_size < 2:
                 raise ValueError("context-parallel configurations need torchrun with 2 or more processes")
@@ -152,7 +183,9 @@ def main():
             print(f"bare all-to-all of one Ulysses tensor ({traffic['bytes_per_process'] / 1e6:.1f} MB per process): "
                   f"{traffic['ms_median']:.3f} ms median, {traffic['sent_gb_s']:.0f} GB/s sent per process; "
                   f"one image's Ulysses traffic at that speed: {traffic['per_image_s']:.3f} s", flush=True)
-    final = Path(args.out) / f"bench-{world.world_size}gpu.json"
+            print("all-to-all sweep: " + ", ".join(f"{t['bytes_per_process'] / 1e6:.1f} MB {t['ms_median'] * 1e3:.1f} us"
+                                                   for t in traffic["sweep"]), flush=True)
+    final = Path(args.out) / f"bench-{world.world_size}gpu{'-' + args.tag if args.tag else ''}.json"
     partial = final.with_name(final.stem + ".partial.json")
     done, references = [], {}
     for name in names:

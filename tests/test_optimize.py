@@ -6,6 +6,7 @@ from diffusers import FirstBlockCacheConfig
 
 import fluxlab
 from fluxlab import quant, shapes
+from fluxlab.optimize import INDUCTOR_FLAGS
 
 from conftest import latents
 
@@ -55,7 +56,7 @@ def test_tiled_vae_decodes_the_same_picture(tiny, tiny_pipe):
     assert shapes.read(image) == shapes.read(reference) == dict(background="blue", colour="yellow", shape="circle")
 
 
-@pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.parametrize("offload", ["model", "sequential", "encoders"])
 def test_cpu_offload_refuses_a_cpu_clearly(tiny_pipe, offload):
     with pytest.raises(ValueError, match=f"offload='{offload}' moves weights between the CPU and a GPU"):
         fluxlab.optimize(tiny_pipe, offload=offload)
@@ -84,3 +85,26 @@ def test_graphs_go_beneath_the_cache(tiny, tiny_pipe):
     fluxlab.cache.enable(other.transformer, 0.3)
     with pytest.raises(ValueError, match="apply CUDA graphs before First Block Cache"):
         fluxlab.graphs.capture_blocks(other.transformer)
+
+
+def test_fused_qkv_and_inductor_flags_compute_the_same(tiny, tiny_pipe):
+    """flux-fast's two cheap steps: q, k and v from one projection, and inductor's flags on the compiled blocks."""
+    reference = latents(tiny_pipe, tiny)
+    tuned = fluxlab.load_pipeline(tiny)
+    done = fluxlab.optimize(tuned, fuse_qkv=True, compile="regional", inductor_flags=True)
+    assert done["fuse_qkv"] is True
+    assert done["compile"]["options"] == INDUCTOR_FLAGS
+    assert fluxlab.describe(done) == "compile (regional, inductor flags) + fused QKV"
+    assert (latents(tuned, tiny) - reference).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(inductor_flags=True), "inductor_flags and overlap are torch.compile settings"),
+    (dict(compile="regional", overlap=True), "overlap moves compute around context parallelism"),
+    (dict(exchange="one"), "exchange='one' replaces Ulysses' all-to-alls"),
+    (dict(exchange="two", parallel=(2, 1)), "exchange='two': allowed values are 'one'"),
+    (dict(exchange="one", parallel=(1, 2)), "exchange='one' replaces Ulysses' all-to-alls")])
+def test_bad_combinations_are_refused_before_anything_changes(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fluxlab.optimize(tiny_pipe, **kwargs)
+    assert fluxlab.applied(tiny_pipe) == {}
