@@ -86,6 +86,7 @@ def cap_memory(device: torch.device, cap_gb: float | None) -> None:
     """Let PyTorch hold at most `cap_gb` on this GPU from now on (None: all of it); over it, an allocation fails
     with an out-of-memory error, as on a card of that size."""
     if device.type == "cuda":
+        device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total) if cap_gb else 1.0, device)
 
