@@ -109,7 +109,9 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         cuda_graphs.capture_blocks(transformer, compile=compile == "regional", options=options)
     if cache is not None:
         first_block_cache.enable(transformer, cache)
-    if fp8 is not None:
+    if fp8 is not None and offload == "encoders":
+        quant.quantize_transformer_fp8(pipe, quant.check_granularity(fp8))
+    elif fp8 is not None:
         quant.quantize_fp8(pipe, quant.check_granularity(fp8))
     if compile is not None:
         transformer._fluxlab_compile_options = options

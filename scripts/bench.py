@@ -49,8 +49,9 @@ LADDER = {
     # (encoders). `cap_gb`: from the first call on, PyTorch may hold no more than this on the GPU (a smaller card).
     "offload": (1, dict(offload="model")),
     "fp8-offload": (1, dict(FP8, offload="model")),
+    "fp8-encoders-offload": (1, dict(FP8, offload="encoders")),
+    "fp8-encoders-offload-16gb": (1, dict(FP8, offload="encoders", cap_gb=16)),
     "fp8-encoders-offload-graphs": (1, dict(FP8, offload="encoders", graphs=True)),
-    "fp8-encoders-offload-graphs-16gb": (1, dict(FP8, offload="encoders", graphs=True, cap_gb=16)),
     "sequential-offload": (1, dict(offload="sequential", vae_tiling=True, repeats=1)),
     "sequential-offload-8gb": (1, dict(offload="sequential", vae_tiling=True, repeats=1, cap_gb=8)),
     "cp": (ALL, {}),
