@@ -49,6 +49,7 @@ LADDER = {
     # (encoders). `cap_gb`: from the first call on, PyTorch may hold no more than this on the GPU (a smaller card).
     "offload": (1, dict(offload="model")),
     "fp8-offload": (1, dict(FP8, offload="model")),
+    "fp8-offload-16gb": (1, dict(FP8, offload="model", cap_gb=16)),
     "fp8-encoders-offload": (1, dict(FP8, offload="encoders")),
     "fp8-encoders-offload-16gb": (1, dict(FP8, offload="encoders", cap_gb=16)),
     "fp8-encoders-offload-graphs": (1, dict(FP8, offload="encoders", graphs=True)),
