@@ -1,7 +1,6 @@
 """What has been done to a pipeline, read off the pipeline itself: records describe what ran, whichever code (a
 chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
-from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 from . import cache, quant
 
@@ -32,8 +31,6 @@ def applied(pipe) -> dict:
     if config is not None and config.context_parallel_config is not None:
         cp = config.context_parallel_config
         done["parallel"] = dict(ulysses=cp.ulysses_degree, ring=cp.ring_degree)
-        if any(type(p).__name__ == "OneExchangeProcessor" for p in transformer.attn_processors.values()):
-            done["parallel"]["exchange"] = "one all-to-all for q, k, v"
     capture = getattr(transformer, "_fluxlab_capture", None)
     if capture is not None:
         done["graphs"] = dict(cuda_graphs=capture.enabled, blocks_compiled=capture.compiled)
@@ -58,8 +55,6 @@ def applied(pipe) -> dict:
         done["offload"] = "model"
     elif any(h is not None for h in hooks):
         done["offload"] = "sequential"
-    elif _is_group_offload_enabled(pipe.text_encoder_2):
-        done["offload"] = "encoders"
     conv = pipe.vae.decoder.conv_in.weight
     if conv.dim() == 4 and conv.shape[1] > 1 and conv.is_contiguous(memory_format=torch.channels_last) \
             and not conv.is_contiguous():
@@ -97,6 +92,5 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(f"{done['offload']} CPU offload")
     if "parallel" in done:
         p = done["parallel"]
-        one = ", one q/k/v exchange" if p.get("exchange") else ""
-        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']}{one})")
+        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']})")
     return " + ".join(parts) or "baseline"

@@ -6,12 +6,11 @@ from . import cache as first_block_cache
 from . import graphs as cuda_graphs
 from . import parallel as context_parallel
 from . import quant
-from . import ulysses
 from .applied import applied
 from .settings import check_threshold
 
 COMPILE_SCOPES = ("regional", "full")
-OFFLOADS = ("model", "sequential", "encoders")
+OFFLOADS = ("model", "sequential")
 # flux-fast's inductor settings for FLUX (pytorch-labs/flux-fast): 1x1 convolutions as matrix products, no epilogue
 # fusion into matmul templates, coordinate-descent tuning of the generated kernels' block sizes.
 INDUCTOR_FLAGS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
@@ -30,7 +29,7 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
-          inductor_flags=False, overlap=False, exchange=None, parallel=None) -> None:
+          inductor_flags=False, overlap=False, parallel=None) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
     if compile_mode is not None and compile_mode not in torch._inductor.list_mode_options():
         raise ValueError(f"compile_mode={compile_mode!r}: allowed values are "
@@ -49,39 +48,33 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         raise ValueError("inductor_flags and overlap are torch.compile settings: use them with compile=...")
     if overlap and parallel is None:
         raise ValueError("overlap moves compute around context parallelism's collectives: use it with parallel=...")
-    if exchange not in (None, "one"):
-        raise ValueError(f"exchange={exchange!r}: allowed values are 'one' (q, k and v in one all-to-all) or None.")
-    if exchange and (parallel is None or parallel[0] < 2 or parallel[1] != 1):
-        raise ValueError("exchange='one' replaces Ulysses' all-to-alls: use it with parallel=(N, 1), N >= 2.")
     if offload is not None:
         if offload not in OFFLOADS:
             raise ValueError(f"offload={offload!r}: allowed values are {OFFLOADS} (or None).")
         if device is not None and device.type != "cuda":
             raise ValueError(f"offload={offload!r} moves weights between the CPU and a GPU; on {device.type} every "
                              "weight already lives in host memory (use offload=None).")
-        if graphs and offload != "encoders":
+        if graphs:
             raise ValueError("offload moves the weights that CUDA graphs replay from fixed addresses: use one or "
-                             "the other (offload='encoders' leaves the transformer in place).")
+                             "the other.")
         if offload == "sequential" and compile is not None:
             raise ValueError("offload='sequential' streams each layer's weights in as it runs: use compile=None.")
 
 
 def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
-             exchange: str | None = None, graphs: bool = False, cache: float | None = None, fp8: str | None = None,
+             graphs: bool = False, cache: float | None = None, fp8: str | None = None,
              compile: str | None = None, compile_mode: str | None = None, inductor_flags: bool = False,
              overlap: bool = False, channels_last_vae: bool = False, vae_tiling: bool = False,
              offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn'), fused QKV projections,
-    context parallelism (ulysses, ring) and, with exchange='one', Ulysses' q, k and v in one all-to-all
-    (fluxlab.ulysses), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
+    context parallelism (ulysses, ring), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
     ('rowwise'/'tensorwise'), torch.compile ('regional': the repeated blocks, 'full': the whole transformer; with
     `inductor_flags`, flux-fast's inductor settings; with `overlap`, compute reordered around collectives),
     a channels-last VAE, a tiled VAE decode, and CPU offload ('model': each component moves to the GPU when it
-    runs; 'sequential': each layer does, the smallest footprint and the slowest; 'encoders': the text encoders'
-    blocks stream in as they run, the transformer and VAE stay on the GPU). Each at most once per pipeline.
+    runs; 'sequential': each layer does, the smallest footprint and the slowest). Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
-          exchange, parallel)
+          parallel)
     done = applied(pipe)
     asked = dict(attention=attention, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
                  cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
@@ -102,16 +95,12 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         transformer.fuse_qkv_projections()
     if parallel is not None:
         context_parallel.enable(transformer, *parallel)
-    if exchange == "one":
-        ulysses.use_one_exchange(transformer)
     options = compile_options(compile_mode, inductor_flags, overlap and transformer.device.type == "cuda")
     if graphs:  # the blocks are compiled beneath the graphs (regionally) when compile is asked for
         cuda_graphs.capture_blocks(transformer, compile=compile == "regional", options=options)
     if cache is not None:
         first_block_cache.enable(transformer, cache)
-    if fp8 is not None and offload == "encoders":
-        quant.quantize_transformer_fp8(pipe, quant.check_granularity(fp8))
-    elif fp8 is not None:
+    if fp8 is not None:
         quant.quantize_fp8(pipe, quant.check_granularity(fp8))
     if compile is not None:
         transformer._fluxlab_compile_options = options
@@ -128,8 +117,6 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         pipe.enable_model_cpu_offload(device=transformer.device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=transformer.device)
-    elif offload == "encoders":  # pinned host copies, the next block copied in on a side stream while one runs
-        pipe.enable_group_offload(transformer.device, offload_type="block_level", num_blocks_per_group=1,
-                                  use_stream=True, exclude_modules=["transformer", "vae"])
+
     return applied(pipe)
 

@@ -46,18 +46,6 @@ def quantize_fp8(pipe, granularity="rowwise"):
         quantize_(pipe.transformer, weight_only, filter_fn=fp8_friendly)
 
 
-def quantize_transformer_fp8(pipe, granularity="rowwise"):
-    """`quantize_fp8` for the transformer alone (the text encoders stay in bf16), for `offload="encoders"`: with
-    the FP8 T5 under group offloading, text encoding ran out of a 16 GB cap on an H200 (its offloaded blocks'
-    memory was not given back); the bf16 T5 streams in and out."""
-    if not fp8_tensor_cores(pipe.transformer.device):
-        raise ValueError("FP8 with the text encoders offloaded needs FP8 tensor cores (a CUDA GPU of compute "
-                         "capability 8.9 or newer).")
-    dynamic = Float8DynamicActivationFloat8WeightConfig(granularity=GRANULARITIES[granularity](),
-                                                        set_inductor_config=False)
-    quantize_(pipe.transformer, dynamic, filter_fn=fp8_friendly)
-
-
 def fp8_state(model: torch.nn.Module) -> dict | None:
     """How a model's linear weights are stored, read off the model: None if not in FP8, else whether activations
     are quantized too (dynamic) and the weight scale's granularity."""

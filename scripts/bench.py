@@ -29,7 +29,7 @@ from fluxlab import parallel, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
-CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "exchange", "parallel")
+CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -45,24 +45,18 @@ LADDER = {
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
     "fbcache-fp8-graphs": (1, dict(FP8, cache=0.12, graphs=True)),
     # Memory: each component moves to the GPU when it runs (model), or each layer does (sequential: one timed
-    # call, it streams all weights over PCIe at every step), or only the text encoders' blocks stream in
-    # (encoders). `cap_gb`: from the first call on, PyTorch may hold no more than this on the GPU (a smaller card).
+    # call, it streams all weights over PCIe at every step). `cap_gb`: from the first call on, PyTorch may hold no
+    # more than this on the GPU (a smaller card).
     "offload": (1, dict(offload="model")),
     "fp8-offload": (1, dict(FP8, offload="model")),
     "fp8-offload-16gb": (1, dict(FP8, offload="model", cap_gb=16)),
-    "fp8-encoders-offload": (1, dict(FP8, offload="encoders")),
-    "fp8-encoders-offload-16gb": (1, dict(FP8, offload="encoders", cap_gb=16)),
-    "fp8-encoders-offload-graphs": (1, dict(FP8, offload="encoders", graphs=True)),
     "sequential-offload": (1, dict(offload="sequential", vae_tiling=True, repeats=1)),
     "sequential-offload-8gb": (1, dict(offload="sequential", vae_tiling=True, repeats=1, cap_gb=8)),
     "cp": (ALL, {}),
     "cp-fp8": (ALL, dict(FP8, overlap=True)),
     "cp-fp8-graphs": (ALL, dict(FP8, graphs=True)),
     "cp-fp8-cudnn-graphs": (ALL, dict(FP8, attention="_native_cudnn", graphs=True)),
-    "cp-fp8-one-graphs": (ALL, dict(FP8, exchange="one", graphs=True)),
     "cp-fp8-overlap-graphs": (ALL, dict(FP8, overlap=True, graphs=True)),
-    "cp-fp8-fused-flags-one-graphs": (ALL, dict(FP8, fuse_qkv=True, inductor_flags=True, exchange="one",
-                                                graphs=True)),
     "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),
     "cp-fbcache-fp8": (ALL, dict(FP8, cache=0.12)),
     "cp-fbcache-fp8-graphs": (ALL, dict(FP8, cache=0.12, graphs=True)),

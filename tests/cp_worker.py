@@ -1,7 +1,7 @@
 """Run under torchrun: generate latents with context parallelism (optionally the cache, optionally CUDA graphs,
 which fall back to plain calls on CPU); rank 0 saves them.
 
-Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD] [graphs] [one-exchange]
+Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD] [graphs]
 """
 import sys
 
@@ -14,12 +14,11 @@ from fluxlab import parallel
 def main():
     out, ulysses, ring = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     threshold = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "none" else None
-    graphs = "graphs" in sys.argv[5:]
-    exchange = "one" if "one-exchange" in sys.argv[5:] else None
+    graphs = len(sys.argv) > 5 and sys.argv[5] == "graphs"
     settings = fluxlab.check_settings("tiny", device="cpu", steps=8)
     world = parallel.init(settings.device)
     pipe = fluxlab.load_pipeline(settings)
-    fluxlab.optimize(pipe, parallel=(ulysses, ring), exchange=exchange, cache=threshold, graphs=graphs)
+    fluxlab.optimize(pipe, parallel=(ulysses, ring), cache=threshold, graphs=graphs)
     latents = fluxlab.generate(pipe, settings, output_type="latent")
     stats = fluxlab.cache.stats(pipe.transformer)
     decisions = [c for _, _, c in stats.runs[-1]] if stats else None

@@ -39,4 +39,3 @@ def test_chapter_3_writes_the_package_function(tmp_path):
     cell = next(c.source for c in nb.cells if c.cell_type == "code" and "def quantize_fp8" in c.source)
     taught = cell[cell.index("def quantize_fp8"):].strip()
     assert taught == inspect.getsource(quant.quantize_fp8).strip()
-

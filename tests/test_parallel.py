@@ -29,16 +29,6 @@ def test_context_parallel_matches_one_process(tmp_path, tiny, tiny_pipe, nproc, 
         assert out["applied"]["parallel"] == dict(ulysses=ulysses, ring=ring)
 
 
-def test_one_exchange_matches_one_process(tmp_path, tiny, tiny_pipe, nproc=2):
-    """Ulysses with q, k and v in one all-to-all (fluxlab.ulysses) gives one process's latents."""
-    result = torchrun(nproc, WORKER, tmp_path / "out", nproc, 1, "none", "one-exchange", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = latents(tiny_pipe, tiny)
-    for out in _outputs(tmp_path / "out", nproc):
-        assert (out["latents"] - reference).abs().max().item() <= 1e-4
-        assert out["applied"]["parallel"] == dict(ulysses=nproc, ring=1, exchange="one all-to-all for q, k, v")
-
-
 def test_eight_processes_refuse_what_does_not_split(tmp_path):
     """The tiny pipeline has 6 attention heads: Ulysses over 8 processes cannot split them; the runner refuses
     before anything runs, naming splits that work (ring 8 and ulysses 2 x ring 4 pass the test above)."""

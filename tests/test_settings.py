@@ -79,7 +79,7 @@ def test_source_kinds(tmp_path):
     (dict(fp8="int4"), "allowed values are \\('rowwise', 'tensorwise'\\)"),
     (dict(compile="everything"), "allowed values are \\('regional', 'full'\\)"),
     (dict(graphs=True, compile="full"), "graphs=True captures each block"),
-    (dict(offload="disk"), "offload='disk': allowed values are \\('model', 'sequential', 'encoders'\\)"),
+    (dict(offload="disk"), "offload='disk': allowed values are \\('model', 'sequential'\\)"),
     (dict(offload="model", graphs=True), "offload moves the weights that CUDA graphs replay"),
 ])
 def test_bad_options(kwargs, message):
