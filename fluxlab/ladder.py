@@ -14,24 +14,37 @@ KIND_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#
 SAME = 0.01  # rungs within 1% of their previous rung count as no change
 
 
+def tag(name: str) -> str:
+    """A benchmark file's tag: '' for bench-<N>gpu.json, 'memory' for bench-<N>gpu-memory(.partial).json."""
+    return name.removesuffix(".json").removesuffix(".partial").split("gpu", 1)[1].lstrip("-")
+
+
 def runs(folder: str | Path) -> list[dict]:
-    """Every benchmark file in `folder` as {"path", "complete", "world_size", "records"}, fewest processes first.
-    `complete` is False for a progress file (bench-<N>gpu.partial.json) of a run that stopped early."""
+    """Every benchmark file in `folder` as {"path", "complete", "world_size", "records"}, fewest processes first,
+    each process count's untagged run before its tagged ones. `complete` is False for a progress file
+    (bench-<N>gpu[-<tag>].partial.json) of a run that stopped early."""
     found = []
     for path in sorted(Path(folder).glob("bench-*gpu*.json")):
         recs = records.read(path)
         found.append(dict(path=path.name, complete=not path.name.endswith(".partial.json"), records=recs,
                           world_size=max(r["processes"] for r in recs)))
-    return sorted(found, key=lambda r: (r["world_size"], not r["complete"]))
+    return sorted(found, key=lambda r: (r["world_size"], tag(r["path"]) != "", not r["complete"], r["path"]))
 
 
 def previous(recs: list[dict], rec: dict) -> dict | None:
-    """The rung `rec` adds to: for a context-parallel record, the one-process record with the same other
-    optimizations; else the row above."""
-    if "parallel" in rec["optimizations"]:
-        rest = {k: v for k, v in rec["optimizations"].items() if k != "parallel"}
-        return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
+    """The rung `rec` adds to: for a context-parallel record, an earlier one of the same processes that it changes
+    in one optimization (added or set otherwise), else the one-process record with the same other optimizations;
+    else the row above."""
     i = recs.index(rec)
+    mine = rec["optimizations"]
+    if "parallel" in mine:
+        for r in recs[:i]:
+            theirs = r["optimizations"]
+            if r["processes"] == rec["processes"] and set(theirs) <= set(mine) \
+                    and sum(theirs.get(k) != v for k, v in mine.items()) == 1:
+                return r
+        rest = {k: v for k, v in mine.items() if k != "parallel"}
+        return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
     return recs[i - 1] if i else None
 
 
@@ -110,7 +123,10 @@ def verdict(run: dict, targets: dict) -> Markdown:
     lines = [f"Fastest without a cache here: **`{top['name']}`**, {top['timing']['median_s']:.3f} s per image, "
              f"{speedup:.2f}x `{reference['name']}` ({reference['timing']['median_s']:.3f} s) of the same run."]
     target = targets.get(procs)
-    if target:
+    if target and procs == 1 and recs[0]["optimizations"]:
+        lines.append(f"No speed target is judged on this run: its first configuration, `{recs[0]['name']}`, is not "
+                     "the eager bf16 baseline.")
+    elif target:
         met = top["timing"]["median_s"] <= target["seconds"] and speedup >= target["speedup"]
         lines.append(f"Target: <= {target['seconds']} s and >= {target['speedup']}x: **{'met' if met else 'not met'}**.")
     kept, dropped = [], []
@@ -131,6 +147,10 @@ def verdict(run: dict, targets: dict) -> Markdown:
                      f"process) took {traffic['ms_median']:.3f} ms in this run ({traffic['sent_gb_s']:.0f} GB/s sent "
                      f"per process): {traffic['per_image_s']:.3f} s for one image's 4 exchanges x "
                      "blocks x steps if none overlapped compute.")
+        if traffic.get("sweep"):
+            lines.append("The same bare all-to-all at other sizes per process: " + ", ".join(
+                f"{t['bytes_per_process'] / 1e6:.1f} MB {t['ms_median'] * 1e3:.0f} us" for t in traffic["sweep"])
+                + ".")
     return Markdown("\n\n".join(lines))
 
 
@@ -160,12 +180,38 @@ def findings(runs_: list[dict]) -> str:
         if vae and run["world_size"] > 1:
             lines.append(f"* {where}, `{top['name']}`: the VAE decodes the whole image on every process in {vae:.3f} s, "
                          f"{vae / top['timing']['median_s']:.1%} of its {top['timing']['median_s']:.3f} s per image.")
+        lines += gap(run, where)
         profile = top and top["extras"].get("profile")
         if profile:
             kinds = ", ".join(f"{k} {v:.3f} s" for k, v in profile[0]["kernel_s_by_kind"].items())
             lines.append(f"* {where}, fastest without a cache, `{top['name']}` ({top['timing']['median_s']:.3f} s): "
                          f"process 0's kernels by kind: {kinds}.")
     return "\n".join(lines) or "*No profiled benchmark records yet.*"
+
+
+def gap(run: dict, where: str) -> list[str]:
+    """Why a several-process run's fastest configuration is slower than the one-process time divided by the
+    processes, from the profiles of both (one profiled image each): compute beyond an even share, communication
+    not overlapped, idle time by gap size, and the VAE decode every process repeats."""
+    procs, recs = run["world_size"], run["records"]
+    top, one = best(recs, procs), best(recs, 1)
+    if procs < 2 or not top or not one or not (top["extras"].get("profile") and one["extras"].get("profile")):
+        return []
+    share = one["extras"]["profile"][0]["compute_s"] / procs
+    ideal = one["timing"]["median_s"] / procs
+    per = []
+    for i, p in enumerate(top["extras"]["profile"]):
+        idle = p.get("idle", {}).get("between_kernels_s")
+        split = f" ({', '.join(f'{k} {v:.3f} s' for k, v in idle.items())} between kernels, the rest before the " \
+                "first and after the last kernel)" if idle else ""
+        per.append(f"process {i}: compute {p['compute_s']:.3f} s ({p['compute_s'] - share:+.3f} s), communication "
+                   f"not overlapped {p['exposed_communication_s']:.3f} s, idle {p['idle_s']:.3f} s{split}")
+    vae = top["extras"].get("vae_decode_s")
+    return [f"* {where}, the gap to {procs} processes: `{top['name']}` takes {top['timing']['median_s']:.3f} s where "
+            f"`{one['name']}` ({one['timing']['median_s']:.3f} s) split evenly would take {ideal:.3f} s. An even "
+            f"share of one process's compute ({one['extras']['profile'][0]['compute_s']:.3f} s, profiled) is "
+            f"{share:.3f} s; one profiled image per process: " + "; ".join(per) + "."
+            + (f" Every process decodes the whole image ({vae:.3f} s of VAE)." if vae else "")]
 
 
 def _extremes(profile: list[dict]) -> dict:
@@ -187,19 +233,53 @@ def memory_table(runs_: list[dict]) -> Markdown:
     def footprint(r):
         return r["extras"].get("peak_reserved_gb") or r["peak_mem_gb"]
 
-    lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) |", "|---|---|---|---|"]
+    lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) | Run under a cap |",
+             "|---|---|---|---|---|"]
     for card in CARDS_GB:
         fits = [r for r in recs if footprint(r) + CONTEXT_GB <= card and not r["cache"]]
         best_fit = min(fits, key=lambda r: r["timing"]["median_s"], default=None)
         lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
-                                          f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} |"
-                                          if best_fit else "nothing measured fits | — | — |"))
-    lines += ["", "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run |", "|---|---|---|---|---|"]
+                                          f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | "
+                                          f"{_cap(best_fit)} |" if best_fit else "nothing measured fits | — | — | — |"))
+    lines += ["", "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap | Run |",
+              "|---|---|---|---|---|---|"]
     for r in sorted(recs, key=footprint):
         lines.append(f"| `{r['name']}`: {r['label']} | {r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} "
-                     f"| {footprint(r):.1f} | `{Path(r['_path']).name}` |")
+                     f"| {footprint(r):.1f} | {_cap(r)} | `{Path(r['_path']).name}` |")
     device = recs[0]["provenance"]["device_name"]
     note = (f"Measured on {device} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the timed calls, "
             f"as PyTorch's allocator saw it; a configuration fits a card when its peak reserved memory plus "
-            f"{CONTEXT_GB:g} GB for the CUDA context does. Times on a smaller card's own GPU differ from these.")
+            f"{CONTEXT_GB:g} GB for the CUDA context does. 'Run under a cap': from its first call on, PyTorch could hold "
+            "no more than that on the GPU (`torch.cuda.set_per_process_memory_fraction`), so the run itself shows "
+            "the configuration fits; loading and quantizing ran uncapped. Times on a smaller card's own GPU differ "
+            "from these.")
     return Markdown("\n".join(lines) + f"\n\n*{note}*")
+
+
+def _cap(rec: dict) -> str:
+    cap = rec["extras"].get("memory_cap_gb")
+    return f"{cap:g} GB: completed" if cap else "—"
+
+
+def memory_verdict(runs_: list[dict], targets: dict) -> Markdown:
+    """`targets` ({card GB: slowdown allowed over the same run's fastest configuration, or None: it need only
+    complete}) against the one-process configurations run under a cap of at most that many GB."""
+    lines = []
+    for card, slowdown in sorted(targets.items(), reverse=True):
+        aim = f"within {slowdown:g}x of its run's fastest configuration" if slowdown else "that completes"
+        capped = [(r, run) for run in runs_ for r in run["records"] if r["processes"] == 1
+                  and r["extras"].get("memory_cap_gb") and r["extras"]["memory_cap_gb"] <= card]
+        if not capped:
+            lines.append(f"* {card} GB, target: a configuration {aim}: nothing was run under a cap of "
+                         f"{card} GB or less.")
+            continue
+        r, run = min(capped, key=lambda pair: pair[0]["timing"]["median_s"])
+        fastest = best(run["records"], 1)
+        ratio = r["timing"]["median_s"] / fastest["timing"]["median_s"]
+        met = ratio <= slowdown if slowdown else True
+        lines.append(f"* {card} GB, target: a configuration {aim}. `{r['name']}` ({r['label']}) completed "
+                     f"under a cap of {r['extras']['memory_cap_gb']:g} GB: {r['timing']['median_s']:.3f} s per image "
+                     f"({len(r['timing']['times_s'])} timed call(s)), peak {r['peak_mem_gb']:.1f} GB allocated, "
+                     f"{ratio:.2f}x `{fastest['name']}` ({fastest['timing']['median_s']:.3f} s) of the same run: "
+                     f"**{'met' if met else 'not met'}**.")
+    return Markdown("\n".join(lines))

@@ -62,3 +62,42 @@ def test_memory_table_picks_the_fastest_configuration_that_fits(tmp_path):
     text = ladder.memory_table(ladder.runs(tmp_path)).data
     assert "| 12 GB | `small`: small | 9.000 | 6.5 |" in text and "| 48 GB | `big`: big | 1.000 | 31.0 |" in text
     assert json.loads((tmp_path / "bench-1gpu.json").read_text())["records"][0]["name"] == "big"
+
+
+def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
+    """A tagged run sorts after its untagged one; a context-parallel variant compares with the configuration it
+    changes; a capped run is judged against the memory targets; the gap to N processes is computed from profiles."""
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs", "baseline",
+                      "--warmup", "1", "--repeats", "1", "--out", tmp_path, "--tag", "memory")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (rec,) = records.read(tmp_path / "bench-1gpu-memory.json")
+
+    def variant(name, seconds, processes=1, optimizations=None, extras=None):
+        return dict(rec, name=name, label=name, processes=processes, optimizations=optimizations or {}, peak_mem_gb=5.0,
+                    timing=dict(rec["timing"], median_s=seconds, times_s=[seconds]), extras=extras or {})
+
+    profile = dict(compute_s=2.0, exposed_communication_s=0.0, idle_s=0.1)
+    cp = {"parallel": dict(ulysses=2, ring=1)}
+    one = variant("one", 3.0, extras={"profile": [profile]})
+    two = variant("two", 2.0, 2, cp, {"profile": [dict(profile, compute_s=1.2, exposed_communication_s=0.3,
+                                                       idle=dict(between_kernels_s={"under 10 us": 0.05}))] * 2})
+    other = variant("two-other", 2.5, 2, {"parallel": dict(ulysses=2, ring=1, exchange="one")})
+    records.write(tmp_path / "bench-2gpu.json", [one, two, other])
+    records.write(tmp_path / "bench-2gpu-exchange.json", [one, other])
+    fast = variant("fast", 1.0, optimizations={"graphs": dict(cuda_graphs=True, blocks_compiled=True)})
+    capped = variant("capped", 1.2, extras={"memory_cap_gb": 16})
+    slow = variant("slow", 9.0, extras={"memory_cap_gb": 8})
+    records.write(tmp_path / "bench-1gpu-memory.json", [fast, capped, slow])
+    runs = ladder.runs(tmp_path)
+    assert [r["path"] for r in runs] == ["bench-1gpu-memory.json", "bench-2gpu.json", "bench-2gpu-exchange.json"]
+    recs = runs[1]["records"]
+    assert ladder.previous(recs, recs[1])["name"] == "one" and ladder.previous(recs, recs[2])["name"] == "two"
+    verdict = ladder.memory_verdict(runs, {16: 1.3, 8: None, 4: None}).data
+    assert "`capped` (capped) completed under a cap of 16 GB: 1.200 s per image" in verdict
+    assert "1.20x `fast` (1.000 s) of the same run: **met**" in verdict
+    assert "`slow` (slow) completed under a cap of 8 GB" in verdict and "nothing was run under a cap of 4 GB" in verdict
+    assert "| `capped`: capped | 1.200 |" in ladder.memory_table(runs).data
+    (gap,) = ladder.gap(runs[1], "here")
+    assert "`two` takes 2.000 s where `one` (3.000 s) split evenly would take 1.500 s" in gap
+    assert "is 1.000 s" in gap and "compute 1.200 s (+0.200 s)" in gap and "under 10 us 0.050 s" in gap
+    assert "No speed target is judged on this run" in ladder.verdict(runs[0], {1: dict(seconds=1, speedup=1)}).data

@@ -31,3 +31,15 @@ def test_breakdown_separates_compute_exposed_communication_and_idle():
     ("sm90_xmma_gemm_bf16", "GEMM (bf16)"), ("void at::native::elementwise_kernel", "other")])
 def test_kernel_kinds(name, kind):
     assert profiling.kind(name) == kind
+
+
+def test_idle_gaps_are_sized_and_named_by_their_neighbours():
+    kernels = [("gemm", 0.0, 1.0), ("nccl:all_to_all", 0.5, 1.5), ("norm", 1.500005, 2.0), ("attention", 2.0005, 3.0),
+               ("copy", 3.003, 3.5)]
+    idle = profiling.idle_gaps(kernels, top=2)
+    assert idle["span_s"] == 3.5
+    gaps = idle["between_kernels_s"]
+    assert abs(gaps["under 10 us"] - 5e-6) < 1e-9 and abs(gaps["10 us to 1 ms"] - 5e-4) < 1e-9
+    assert abs(gaps["1 ms and over"] - 3e-3) < 1e-9
+    assert [(g["after"], g["before"]) for g in idle["largest"]] == [("attention", "copy"), ("norm", "attention")]
+    assert profiling.breakdown(kernels, 4.0)["idle"] == profiling.idle_gaps(kernels)
