@@ -94,8 +94,8 @@ def repeated_blocks(transformer) -> list[torch.nn.Module]:
 
 def capture_blocks(transformer, compile: bool = True, options: dict | None = None) -> Capture:
     """Compile each repeated block (one compiled function per block class, like `compile_repeated_blocks`, with
-    torch.compile's `options`) and replay it from a CUDA graph. Apply before `enable_cache` so that the cache's hooks wrap the graphs. On a device
-    without CUDA the blocks run compiled, without graphs, and this says so."""
+    torch.compile's `options`) and replay it from a CUDA graph. Apply before `enable_cache` so that the cache's
+    hooks wrap the graphs. On a device without CUDA the blocks run compiled, without graphs, and this says so."""
     blocks = repeated_blocks(transformer)
     if any(hasattr(b, "_diffusers_hook") and b._diffusers_hook._hook_order for b in blocks):
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")

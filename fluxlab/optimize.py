@@ -103,12 +103,12 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     if fp8 is not None:
         quant.quantize_fp8(pipe, quant.check_granularity(fp8))
     if compile is not None:
-        transformer._fluxlab_compile_options = options
-    if compile is not None and not graphs:
-        if compile == "regional":
-            transformer.compile_repeated_blocks(fullgraph=cache is None and "cache" not in done, options=options)
-        else:  # the cache's decision is a Python branch (a graph break), so a full graph only without it
-            transformer.compile(fullgraph=cache is None and "cache" not in done, options=options)
+        transformer._fluxlab_compile_options = options  # what `fluxlab.applied` reads
+    fullgraph = cache is None and "cache" not in done  # the cache's decision is a Python branch (a graph break)
+    if compile == "regional" and not graphs:
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options)
+    elif compile == "full":
+        transformer.compile(fullgraph=fullgraph, options=options)
     if channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
     if vae_tiling:

@@ -120,8 +120,8 @@ def run_config(name: str, settings, world, args, references: dict, traffic) -> d
                 print(f"    rank {rank}: wall {b['wall_s']:.3f} s, compute {b['compute_s']:.3f}, communication "
                       f"{b['communication_s']:.3f} (exposed {b['exposed_communication_s']:.3f}), idle "
                       f"{b['idle_s']:.3f} ({', '.join(f'{k} {v:.3f}' for k, v in b['idle']['between_kernels_s'].items())}"
-                      f" between kernels), {b['kernels']} kernels; largest gaps: "
-                      + "; ".join(f"{g['seconds'] * 1e3:.2f} ms after {g['after'][:40]}" for g in b["idle"]["largest"][:3]),
+                      f" between kernels), {b['kernels']} kernels; largest gaps: " + "; ".join(
+                          f"{g['seconds'] * 1e3:.2f} ms after {g['after'][:40]}" for g in b["idle"]["largest"][:3]),
                       flush=True)
         if "compile" in kwargs and world.is_main:
             print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
