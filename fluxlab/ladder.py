@@ -14,6 +14,14 @@ KIND_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#
 SAME = 0.01  # rungs within 1% of their previous rung count as no change
 
 
+BENCH_FILES = "bench-*gpu*.json"  # what scripts/bench.py writes: `bench_file`, and its .partial.json
+
+
+def bench_file(world_size: int, tag: str = "") -> str:
+    """The file a benchmark run of `world_size` processes writes: bench-<N>gpu.json, or bench-<N>gpu-<tag>.json."""
+    return f"bench-{world_size}gpu{'-' + tag if tag else ''}.json"
+
+
 def tag(name: str) -> str:
     """A benchmark file's tag: '' for bench-<N>gpu.json, 'memory' for bench-<N>gpu-memory(.partial).json."""
     return name.removesuffix(".json").removesuffix(".partial").split("gpu", 1)[1].lstrip("-")
@@ -24,7 +32,7 @@ def runs(folder: str | Path) -> list[dict]:
     each process count's untagged run before its tagged ones. `complete` is False for a progress file
     (bench-<N>gpu[-<tag>].partial.json) of a run that stopped early."""
     found = []
-    for path in sorted(Path(folder).glob("bench-*gpu*.json")):
+    for path in sorted(Path(folder).glob(BENCH_FILES)):
         recs = records.read(path)
         found.append(dict(path=path.name, complete=not path.name.endswith(".partial.json"), records=recs,
                           world_size=max(r["processes"] for r in recs)))
@@ -192,7 +200,7 @@ def findings(runs_: list[dict]) -> str:
 def gap(run: dict, where: str) -> list[str]:
     """Why a several-process run's fastest configuration is slower than the one-process time divided by the
     processes, from the profiles of both (one profiled image each): compute beyond an even share, communication
-    not overlapped, idle time by gap size, and the VAE decode every process repeats."""
+    not overlapped, and idle time by gap size (`findings` states the VAE decode every process repeats)."""
     procs, recs = run["world_size"], run["records"]
     top, one = best(recs, procs), best(recs, 1)
     if procs < 2 or not top or not one or not (top["extras"].get("profile") and one["extras"].get("profile")):
@@ -206,12 +214,10 @@ def gap(run: dict, where: str) -> list[str]:
                 "first and after the last kernel)" if idle else ""
         per.append(f"process {i}: compute {p['compute_s']:.3f} s ({p['compute_s'] - share:+.3f} s), communication "
                    f"not overlapped {p['exposed_communication_s']:.3f} s, idle {p['idle_s']:.3f} s{split}")
-    vae = top["extras"].get("vae_decode_s")
     return [f"* {where}, the gap to {procs} processes: `{top['name']}` takes {top['timing']['median_s']:.3f} s where "
             f"`{one['name']}` ({one['timing']['median_s']:.3f} s) split evenly would take {ideal:.3f} s. An even "
             f"share of one process's compute ({one['extras']['profile'][0]['compute_s']:.3f} s, profiled) is "
-            f"{share:.3f} s; one profiled image per process: " + "; ".join(per) + "."
-            + (f" Every process decodes the whole image ({vae:.3f} s of VAE)." if vae else "")]
+            f"{share:.3f} s; one profiled image per process: " + "; ".join(per) + "."]
 
 
 def _extremes(profile: list[dict]) -> dict:

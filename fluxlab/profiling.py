@@ -38,9 +38,9 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 
 def idle_gaps(kernels: list[tuple[str, float, float]], top: int = 6) -> dict:
-    """Where the GPU idles: the time with no kernel before the first and after the last one (host work: prompt
-    tokenization, image conversion), the gaps between kernels by size, and the `top` largest gaps with the kernels
-    on either side."""
+    """Where the GPU idles: the span from the first kernel's start to the last one's end (the wall time outside it
+    is host work before and after: prompt tokenization, image conversion), the gaps between kernels summed by size,
+    and the `top` largest gaps with the kernels on either side."""
     ordered = sorted(kernels, key=lambda k: k[1])
     gaps, end, last = [], float("-inf"), None
     for name, a, b in ordered:

@@ -11,7 +11,7 @@ context-parallel ones (`cp-...`) on every process. The first configuration is th
 With `--profile`, every process profiles one more image (compute, exposed communication and idle time as unions
 of kernel intervals) and, on two or more processes, the run times a bare all-to-all of one Ulysses tensor.
 Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; a list of records, `fluxlab.records`) only
-when every configuration succeeded; progress goes to `bench-<N>gpu.partial.json` after each configuration.
+when every configuration succeeded; progress goes to the same name ending in `.partial.json` after each configuration.
 """
 import argparse
 import gc
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLUXLAB_PROGRESS", "0")  # no denoising progress bars in the benchmark's log
 import fluxlab  # noqa: E402
-from fluxlab import parallel, profiling, records  # noqa: E402
+from fluxlab import ladder, parallel, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
@@ -182,7 +182,7 @@ def main():
                   f"one image's Ulysses traffic at that speed: {traffic['per_image_s']:.3f} s", flush=True)
             print("all-to-all sweep: " + ", ".join(f"{t['bytes_per_process'] / 1e6:.1f} MB {t['ms_median'] * 1e3:.1f} us"
                                                    for t in traffic["sweep"]), flush=True)
-    final = Path(args.out) / f"bench-{world.world_size}gpu{'-' + args.tag if args.tag else ''}.json"
+    final = Path(args.out) / ladder.bench_file(world.world_size, args.tag)
     partial = final.with_name(final.stem + ".partial.json")
     done, references = [], {}
     for name in names:

@@ -262,12 +262,12 @@ def write_toc(out: Path) -> Path:
 
 
 def write_status(out: Path, title: str) -> None:
-    from fluxlab import records, report
+    from fluxlab import ladder, records, report
 
     runs = book.runs(out)
     listed = [dict(name=c["name"], **runs.get(c["name"], dict(status="not executed"))) for c in book.chapters()]
     recs = records.read_folder(out / "results") if (out / "results").exists() else []
-    bench = records.read_folder(ROOT / "book" / "results", "bench-*gpu*.json")
+    bench = records.read_folder(ROOT / "book" / "results", ladder.BENCH_FILES)
     (out / "status.md").write_text(report.status_page(recs, listed, title, bench))
 
 
