@@ -1,8 +1,9 @@
 """What has been done to a pipeline, read off the pipeline itself: records describe what ran, whichever code (a
 chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
+from diffusers.hooks.group_offloading import _GROUP_OFFLOADING as GROUP_OFFLOADING
 
-from . import cache, quant
+from . import cache, fp8_attention, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -17,12 +18,21 @@ def _compile_scope(pipe) -> str | None:
     return None
 
 
+def _group_offloaded(model) -> bool:
+    """Whether diffusers' group offloading hooks sit on any of the model's modules."""
+    return any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(GROUP_OFFLOADING)
+               for m in model.modules())
+
+
 def applied(pipe) -> dict:
     """The optimizations present on `pipe`, by name: attention backend, fused QKV, context parallel, CUDA graphs,
     First Block Cache, FP8, torch.compile and a channels-last VAE. Absent ones are left out."""
     transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
     done = {}
-    backends = {getattr(p, "_attention_backend", None) for p in transformer.attn_processors.values()} - {None}
+    processors = transformer.attn_processors.values()
+    backends = {getattr(p, "_attention_backend", None) for p in processors} - {None}
+    if any(isinstance(p, fp8_attention.FP8AttnProcessor) for p in processors):
+        backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
     if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
@@ -55,11 +65,19 @@ def applied(pipe) -> dict:
         done["offload"] = "model"
     elif any(h is not None for h in hooks):
         done["offload"] = "sequential"
+    elif _group_offloaded(pipe.transformer):
+        done["offload"] = "group"
+    elif _group_offloaded(pipe.text_encoder_2):
+        done["offload"] = "encoders"
     conv = pipe.vae.decoder.conv_in.weight
     if conv.dim() == 4 and conv.shape[1] > 1 and conv.is_contiguous(memory_format=torch.channels_last) \
             and not conv.is_contiguous():
         done["channels_last_vae"] = True
     return done
+
+
+OFFLOAD_NAMES = {"model": "model CPU offload", "sequential": "sequential CPU offload",
+                 "encoders": "text encoders streamed from CPU", "group": "all layers streamed from CPU"}
 
 
 def describe(done: dict, processes: int = 1) -> str:
@@ -89,7 +107,7 @@ def describe(done: dict, processes: int = 1) -> str:
     if "vae_tiling" in done:
         parts.append("tiled VAE")
     if "offload" in done:
-        parts.append(f"{done['offload']} CPU offload")
+        parts.append(OFFLOAD_NAMES[done["offload"]])
     if "parallel" in done:
         p = done["parallel"]
         parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']})")

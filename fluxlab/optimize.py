@@ -3,6 +3,7 @@ the benchmark and the server use this, so they time the code the book teaches.""
 import torch
 
 from . import cache as first_block_cache
+from . import fp8_attention
 from . import graphs as cuda_graphs
 from . import parallel as context_parallel
 from . import quant
@@ -10,7 +11,7 @@ from .applied import applied
 from .settings import check_threshold
 
 COMPILE_SCOPES = ("regional", "full")
-OFFLOADS = ("model", "sequential")
+OFFLOADS = ("model", "sequential", "encoders", "group")
 # flux-fast's inductor settings for FLUX (pytorch-labs/flux-fast): 1x1 convolutions as matrix products, no epilogue
 # fusion into matmul templates, coordinate-descent tuning of the generated kernels' block sizes.
 INDUCTOR_FLAGS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
@@ -29,8 +30,15 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
-          inductor_flags=False, overlap=False, parallel=None) -> None:
+          inductor_flags=False, overlap=False, parallel=None, attention=None) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
+    if attention == fp8_attention.NAME:
+        reason = fp8_attention.unavailable(device) if device is not None else None
+        if reason:
+            raise ValueError(reason)
+        if parallel is not None and parallel[1] > 1:
+            raise ValueError(f"attention={attention!r} runs between Ulysses' all-to-alls, not in ring attention "
+                             "(which needs each block's log-sum-exp): use parallel=(N, 1).")
     if compile_mode is not None and compile_mode not in torch._inductor.list_mode_options():
         raise ValueError(f"compile_mode={compile_mode!r}: allowed values are "
                          f"{tuple(torch._inductor.list_mode_options())} (or None).")
@@ -54,11 +62,12 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         if device is not None and device.type != "cuda":
             raise ValueError(f"offload={offload!r} moves weights between the CPU and a GPU; on {device.type} every "
                              "weight already lives in host memory (use offload=None).")
-        if graphs:
+        if graphs and offload != "encoders":
             raise ValueError("offload moves the weights that CUDA graphs replay from fixed addresses: use one or "
-                             "the other.")
-        if offload == "sequential" and compile is not None:
-            raise ValueError("offload='sequential' streams each layer's weights in as it runs: use compile=None.")
+                             "the other (offload='encoders' leaves the transformer in place).")
+        if offload in ("sequential", "group") and compile is not None:
+            raise ValueError(f"offload={offload!r} streams each layer's weights in as it runs, from hooks that "
+                             "torch.compile cannot trace: use compile=None.")
 
 
 def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
@@ -66,15 +75,18 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
              compile: str | None = None, compile_mode: str | None = None, inductor_flags: bool = False,
              overlap: bool = False, channels_last_vae: bool = False, vae_tiling: bool = False,
              offload: str | None = None) -> dict:
-    """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn'), fused QKV projections,
+    """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn', or 'cudnn_fp8': FP8
+    attention on Hopper, `fluxlab.fp8_attention`), fused QKV projections,
     context parallelism (ulysses, ring), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
     ('rowwise'/'tensorwise'), torch.compile ('regional': the repeated blocks, 'full': the whole transformer; with
     `inductor_flags`, flux-fast's inductor settings; with `overlap`, compute reordered around collectives),
     a channels-last VAE, a tiled VAE decode, and CPU offload ('model': each component moves to the GPU when it
-    runs; 'sequential': each layer does, the smallest footprint and the slowest). Each at most once per pipeline.
+    runs; 'sequential': each layer does, the smallest footprint and the slowest; 'encoders': the text encoders'
+    layers stream in from pinned host memory as they run, the next one copied on a side stream, while the transformer
+    and VAE stay on the GPU; 'group': every component's layers stream in so). Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
-          parallel)
+          parallel, attention)
     done = applied(pipe)
     asked = dict(attention=attention, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
                  cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
@@ -87,7 +99,9 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     if graphs and "cache" in done:
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
-    if attention is not None:
+    if attention == fp8_attention.NAME:
+        fp8_attention.use(transformer)
+    elif attention is not None:
         transformer.set_attention_backend(attention)
     if fuse_qkv:
         if "fp8" in done:
@@ -117,6 +131,9 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         pipe.enable_model_cpu_offload(device=transformer.device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=transformer.device)
+    elif offload in ("encoders", "group"):  # diffusers' group offloading, one layer per group
+        pipe.enable_group_offload(transformer.device, offload_type="leaf_level", use_stream=True,
+                                  exclude_modules=["transformer", "vae"] if offload == "encoders" else None)
 
     return applied(pipe)
 

@@ -29,7 +29,7 @@ from fluxlab import ladder, parallel, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
-CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel")
+CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -41,21 +41,30 @@ LADDER = {
     "fp8-cudnn-graphs": (1, dict(FP8, attention="_native_cudnn", graphs=True)),
     "fp8-cudnn-fused-graphs": (1, dict(FP8, attention="_native_cudnn", fuse_qkv=True, graphs=True)),
     "fp8-fused-graphs": (1, dict(FP8, fuse_qkv=True, graphs=True)),
+    "fp8-attnfp8-graphs": (1, dict(FP8, attention="cudnn_fp8", graphs=True)),
+    "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
     "fbcache-fp8-graphs": (1, dict(FP8, cache=0.12, graphs=True)),
     # Memory: each component moves to the GPU when it runs (model), or each layer does (sequential: one timed
     # call, it streams all weights over PCIe at every step). `cap_gb`: from the first call on, PyTorch may hold no
     # more than this on the GPU (a smaller card).
+    "fp8-graphs-24gb": (1, dict(FP8, graphs=True, cap_gb=24)),
     "offload": (1, dict(offload="model")),
     "fp8-offload": (1, dict(FP8, offload="model")),
     "fp8-offload-16gb": (1, dict(FP8, offload="model", cap_gb=16)),
+    # The transformer stays on the GPU (FP8, graphs); the text encoders' layers stream in from pinned host memory.
+    "fp8-encoders-offload-16gb": (1, dict(FP8, offload="encoders", vae_tiling=True, cap_gb=16)),
+    "fp8-encoders-offload-graphs-16gb": (1, dict(FP8, graphs=True, offload="encoders", vae_tiling=True, cap_gb=16)),
+    # Every layer streams in from pinned host memory, the next one on a side stream (no compile: hooks).
+    "fp8-group-offload-8gb": (1, dict(fp8="rowwise", offload="group", vae_tiling=True, cap_gb=8)),
     "sequential-offload": (1, dict(offload="sequential", vae_tiling=True, repeats=1)),
     "sequential-offload-8gb": (1, dict(offload="sequential", vae_tiling=True, repeats=1, cap_gb=8)),
     "cp": (ALL, {}),
     "cp-fp8": (ALL, dict(FP8, overlap=True)),
     "cp-fp8-graphs": (ALL, dict(FP8, graphs=True)),
     "cp-fp8-cudnn-graphs": (ALL, dict(FP8, attention="_native_cudnn", graphs=True)),
+    "cp-fp8-attnfp8-graphs": (ALL, dict(FP8, attention="cudnn_fp8", graphs=True)),
     "cp-fp8-overlap-graphs": (ALL, dict(FP8, overlap=True, graphs=True)),
     "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),
     "cp-fbcache-fp8": (ALL, dict(FP8, cache=0.12)),

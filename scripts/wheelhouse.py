@@ -4,7 +4,7 @@
     python scripts/wheelhouse.py install .whl [--target /tmp/site]                         # on the GPU machine
 
 `download` resolves fluxlab's dependencies, the chapter runner's (papermill, ipykernel; the book is rendered
-elsewhere) and the server's (the `serve` extra) for the target Python on manylinux x86_64, leaves out the GPU machine's own torch stack (torch, triton,
+elsewhere), the server's (the `serve` extra) and FP8 attention's (the `hopper` extra) for the target Python on manylinux x86_64, leaves out the GPU machine's own torch stack (torch, triton,
 nvidia-*, cuda-*) and any name listed in `--skip` (one per line: what the target already has, e.g. from
 `pip list --format freeze` there), and downloads exactly those wheels. `install` installs them without an index;
 with `--target`, add that folder to PYTHONPATH.
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
-GPU_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
+GPU_STACK = re.compile(r"^(torch|triton|nvidia-(?!cudnn-frontend).*|cuda-.*)$")  # the frontend is ours to bring
 RUNNER = ("papermill", "nbclient", "ipykernel")
 
 
@@ -32,7 +32,8 @@ def normalise(name: str) -> str:
 def requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     book = [r for r in project["optional-dependencies"]["book"] if r.split("=")[0].strip() in RUNNER]
-    return project["dependencies"] + book + project["optional-dependencies"]["serve"]
+    extras = project["optional-dependencies"]
+    return project["dependencies"] + book + extras["serve"] + extras["hopper"]
 
 
 def select(report: dict, skip: set[str]) -> list[str]:

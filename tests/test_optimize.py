@@ -5,7 +5,8 @@ import torch
 from diffusers import FirstBlockCacheConfig
 
 import fluxlab
-from fluxlab import quant, shapes
+from fluxlab import fp8_attention, quant, shapes
+from fluxlab.applied import OFFLOAD_NAMES
 from fluxlab.optimize import INDUCTOR_FLAGS
 
 from conftest import latents
@@ -56,7 +57,7 @@ def test_tiled_vae_decodes_the_same_picture(tiny, tiny_pipe):
     assert shapes.read(image) == shapes.read(reference) == dict(background="blue", colour="yellow", shape="circle")
 
 
-@pytest.mark.parametrize("offload", ["model", "sequential"])
+@pytest.mark.parametrize("offload", ["model", "sequential", "encoders", "group"])
 def test_cpu_offload_refuses_a_cpu_clearly(tiny_pipe, offload):
     with pytest.raises(ValueError, match=f"offload='{offload}' moves weights between the CPU and a GPU"):
         fluxlab.optimize(tiny_pipe, offload=offload)
@@ -105,4 +106,49 @@ def test_fused_qkv_and_inductor_flags_compute_the_same(tiny, tiny_pipe):
 def test_bad_combinations_are_refused_before_anything_changes(tiny_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fluxlab.optimize(tiny_pipe, **kwargs)
+    assert fluxlab.applied(tiny_pipe) == {}
+
+
+@pytest.mark.parametrize("exclude, offload", [(["transformer", "vae"], "encoders"), (None, "group")])
+def test_group_offloading_is_read_off_the_pipeline_and_computes_the_same(tiny, tiny_pipe, exclude, offload):
+    """What offload='encoders'/'group' call on a GPU (diffusers' group offloading, layer by layer), with the CPU as
+    both ends here: the hooks change where weights live, not the latents."""
+    reference = latents(tiny_pipe, tiny)
+    tiny_pipe.enable_group_offload(torch.device("cpu"), offload_type="leaf_level", exclude_modules=exclude)
+    done = fluxlab.applied(tiny_pipe)
+    assert done == {"offload": offload}
+    assert fluxlab.describe(done) == OFFLOAD_NAMES[offload]
+    assert torch.equal(latents(tiny_pipe, tiny), reference)
+
+
+def exact_attention(query, key, value, scale=None):
+    """The attention `fp8_attention.attention` replaces, in full precision (sequence-major layout)."""
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
+def fp8_emulated(query, key, value, scale=None):
+    """FP8 attention's rounding of q, k and v (fp8_attention.quantize), then exact attention: what runs on CPU."""
+    (q, dq), (k, dk), (v, dv) = (fp8_attention.quantize(x) for x in (query, key, value))
+    return exact_attention(*((x.float() * d).to(query.dtype) for x, d in ((q, dq), (k, dk), (v, dv))), scale)
+
+
+def test_fp8_attention_processor_is_diffusers_processor_with_another_attention_call(tiny, tiny_pipe, monkeypatch):
+    """FP8AttnProcessor repeats FluxAttnProcessor around its attention call: with exact attention in that call the
+    latents are diffusers' own; with q, k and v rounded to FP8 they move, by FP8's rounding and no more."""
+    reference = latents(tiny_pipe, tiny)
+    fp8_attention.use(tiny_pipe.transformer)
+    assert fluxlab.applied(tiny_pipe) == {"attention": "cudnn_fp8"}
+    monkeypatch.setattr(fp8_attention, "attention", exact_attention)
+    torch.testing.assert_close(latents(tiny_pipe, tiny), reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fp8_attention, "attention", fp8_emulated)
+    error = ((latents(tiny_pipe, tiny) - reference).norm() / reference.norm()).item()
+    assert 1e-4 < error < 5e-2
+
+
+def test_fp8_attention_is_refused_off_hopper_in_one_line(tiny_pipe):
+    with pytest.raises(ValueError, match="^attention='cudnn_fp8' runs cuDNN's FP8 attention kernels for Hopper "
+                                         "\\(H100, H200\\); not on cpu.$"):
+        fluxlab.optimize(tiny_pipe, attention="cudnn_fp8")
     assert fluxlab.applied(tiny_pipe) == {}

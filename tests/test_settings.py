@@ -79,8 +79,10 @@ def test_source_kinds(tmp_path):
     (dict(fp8="int4"), "allowed values are \\('rowwise', 'tensorwise'\\)"),
     (dict(compile="everything"), "allowed values are \\('regional', 'full'\\)"),
     (dict(graphs=True, compile="full"), "graphs=True captures each block"),
-    (dict(offload="disk"), "offload='disk': allowed values are \\('model', 'sequential'\\)"),
+    (dict(offload="disk"), "offload='disk': allowed values are \\('model', 'sequential', 'encoders', 'group'\\)"),
     (dict(offload="model", graphs=True), "offload moves the weights that CUDA graphs replay"),
+    (dict(offload="group", compile="regional"), "offload='group' streams each layer's weights in as it runs"),
+    (dict(attention="cudnn_fp8", parallel=(1, 2)), "not in ring attention"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):

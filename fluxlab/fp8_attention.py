@@ -1,0 +1,162 @@
+"""FP8 attention for FLUX on Hopper: cuDNN's FP8 flash attention (the `nvidia-cudnn-frontend` wheel) in an
+attention processor.
+
+Each call scales q, k and v by one factor each (448 over the tensor's absolute maximum, computed on the GPU) into
+float8_e4m3. cuDNN multiplies q·kᵀ in FP8 with float32 accumulation, scales the softmax probabilities by 256 into
+FP8 for the product with v, and writes the output in FP8 (Hopper has no bf16 output for this kernel) on half of v's
+scale, since no output exceeds v's maximum; the processor turns it back into bf16. Why cuDNN: torch's
+scaled_dot_product_attention has no FP8 path without FlashAttention-3, which has no wheel for this torch.
+"""
+import math
+
+import torch
+from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from diffusers.models.embeddings import apply_rotary_emb
+
+NAME = "cudnn_fp8"  # fluxlab.optimize(pipe, attention=NAME)
+E4M3_MAX = 448.0  # largest float8_e4m3fn value
+P_SCALE = 256.0  # softmax probabilities are at most 1: scaled by this into FP8
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why FP8 attention cannot run on `device` (one line), or None if it can."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        return f"attention={NAME!r} runs cuDNN's FP8 attention kernels for Hopper (H100, H200); not on {name}."
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return f"attention={NAME!r} needs the cuDNN frontend: pip install nvidia-cudnn-frontend"
+    return None
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` scaled by 448 / max|x| into float8_e4m3fn, and the factor that scales it back (a 1x1x1x1 tensor)."""
+    scale = E4M3_MAX / x.abs().amax().float().clamp_min(1e-12)
+    return (x.float() * scale).to(torch.float8_e4m3fn).contiguous(), scale.reciprocal().reshape(1, 1, 1, 1)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention of (batch, sequence, heads, head_dim) tensors in FP8; returns that layout in bf16."""
+    (q, descale_q), (k, descale_k), (v, descale_v) = quantize(query), quantize(key), quantize(value)
+    scale_o = 0.5 / descale_v
+    out = torch.ops.fluxlab.cudnn_sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, scale_o,
+                                          scale or 1 / math.sqrt(query.shape[-1]))
+    return (out.float() / scale_o).to(query.dtype)
+
+
+@torch.library.custom_op("fluxlab::cudnn_sdpa_fp8", mutates_args=(), device_types="cuda")
+def _sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+              descale_v: torch.Tensor, scale_o: torch.Tensor, attn_scale: float) -> torch.Tensor:
+    import cudnn
+    graph, t, handle = _graph(tuple(q.shape), q.device, attn_scale)
+    out = torch.empty_like(q)
+    const = _constants(q.device)
+    pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["descale_q"]: descale_q, t["descale_k"]: descale_k,
+            t["descale_v"]: descale_v, t["descale_s"]: const["descale_s"], t["scale_s"]: const["scale_s"],
+            t["scale_o"]: scale_o, t["o"]: out, t["amax_s"]: const["amax_s"], t["amax_o"]: const["amax_o"]}
+    workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=q.device)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    graph.execute(pack, workspace, handle=handle)
+    return out
+
+
+@_sdpa_fp8.register_fake
+def _(q, k, v, descale_q, descale_k, descale_v, scale_o, attn_scale):
+    return torch.empty_like(q)
+
+
+_GRAPHS, _CONSTANTS, _HANDLES = {}, {}, {}
+
+
+def _constants(device: torch.device) -> dict:
+    """Per device: the softmax scale and its inverse, and buffers for the amaxes cuDNN reports (unused)."""
+    if device not in _CONSTANTS:
+        full = dict(dtype=torch.float32, device=device)
+        _CONSTANTS[device] = dict(scale_s=torch.full((1, 1, 1, 1), P_SCALE, **full),
+                                  descale_s=torch.full((1, 1, 1, 1), 1 / P_SCALE, **full),
+                                  amax_s=torch.zeros((1, 1, 1, 1), **full), amax_o=torch.zeros((1, 1, 1, 1), **full))
+    return _CONSTANTS[device]
+
+
+def _graph(shape: tuple, device: torch.device, attn_scale: float):
+    """cuDNN's FP8 attention graph for (batch, sequence, heads, head_dim) tensors in that memory layout, built once
+    per shape, device and scale."""
+    key = (shape, device, attn_scale)
+    if key not in _GRAPHS:
+        import cudnn
+        if device not in _HANDLES:
+            _HANDLES[device] = cudnn.create_handle()
+        fp8, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=fp32, compute_data_type=fp32,
+                              handle=_HANDLES[device])
+        b, s, h, d = shape
+        dims, strides = (b, h, s, d), (s * h * d, d, h * d, 1)  # cuDNN's (b, h, s, d) view of a (b, s, h, d) tensor
+        t = {n: graph.tensor(name=n, dim=dims, stride=strides, data_type=fp8) for n in "qkv"}
+        for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+            t[n] = graph.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
+        t["o"], _, t["amax_s"], t["amax_o"] = graph.sdpa_fp8(
+            q=t["q"], k=t["k"], v=t["v"], descale_q=t["descale_q"], descale_k=t["descale_k"],
+            descale_v=t["descale_v"], descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
+            is_inference=True, attn_scale=attn_scale, use_causal_mask=False)
+        t["o"].set_output(True).set_dim(dims).set_stride(strides).set_data_type(fp8)
+        for n in ("amax_s", "amax_o"):
+            t[n].set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        _GRAPHS[key] = graph, t, _HANDLES[device]
+    return _GRAPHS[key]
+
+
+def _ulysses_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                _save_ctx=True, _parallel_config=None):
+    """The forward op diffusers' Ulysses template calls between its all-to-alls (inference only: no LSE)."""
+    if return_lse:
+        raise ValueError(f"attention={NAME!r} returns no log-sum-exp: use Ulysses (not ring) context parallelism.")
+    return attention(query, key, value, scale)
+
+
+class FP8AttnProcessor(FluxAttnProcessor):
+    """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`), under context parallelism too."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise ValueError(f"attention={NAME!r} takes no attention mask.")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query, encoder_key, encoder_value = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if self._parallel_config is None:
+            hidden_states = attention(query, key, value)
+        else:
+            hidden_states = _templated_context_parallel_attention(
+                query, key, value, forward_op=_ulysses_op, backward_op=None, _parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def use(transformer) -> None:
+    """Give every attention layer of a FLUX transformer the FP8 processor (before context parallelism is enabled,
+    which hands each processor its configuration)."""
+    transformer.set_attn_processor(FP8AttnProcessor())
