@@ -105,6 +105,21 @@ def table(recs: list[dict], folder: str | Path, baseline: dict | None = None) ->
     return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + "\n\n" + _notes(recs))
 
 
+def memory_cost(recs: list[dict]) -> Markdown:
+    """Time against GPU memory: s/image, the ratio to the first record, and the timed calls' peak allocated and
+    reserved memory."""
+    if recs[0]["peak_mem_gb"] is None:
+        return Markdown(f"*Peak GPU memory needs a GPU: these records ran on {recs[0]['provenance']['device_name']}.*")
+    first = recs[0]["timing"]["median_s"]
+    lines = ["| Configuration | s/image | vs first row | Peak allocated (GB) | Peak reserved (GB) |",
+             "|---|---|---|---|---|"]
+    for r in recs:
+        t = r["timing"]["median_s"]
+        lines.append(f"| {r['label']} | {t:.3f} | {t / first:.2f}x | {r['peak_mem_gb']:.1f} "
+                     f"| {_fmt(r['extras'].get('peak_reserved_gb'), '.1f')} |")
+    return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines))
+
+
 def step_cost_table(recs: list[dict]) -> Markdown:
     """Per record with step costs: skipped steps, s/image, and the median cost of a computed and a skipped step."""
     lines = ["| Configuration | Skipped steps | s/image | Computed step (ms) | Skipped step (ms) | Skipped / computed |",
