@@ -230,8 +230,8 @@ CONTEXT_GB = 1.0  # headroom for the CUDA context and libraries, outside PyTorch
 
 
 def memory_table(runs_: list[dict]) -> Markdown:
-    """For each card size, the fastest one-process configuration whose peak reserved memory (plus `CONTEXT_GB`)
-    fits; then every measured configuration's footprint."""
+    """For each card size, the fastest one-process configuration that fits: run under a cap of at most that many GB,
+    or with peak reserved memory (plus `CONTEXT_GB`) within it; then every measured configuration's footprint."""
     recs = [r for run in runs_ for r in run["records"] if r["processes"] == 1 and r["peak_mem_gb"] is not None]
     if not recs:
         return Markdown("*No benchmark record with GPU memory yet.*")
@@ -242,7 +242,8 @@ def memory_table(runs_: list[dict]) -> Markdown:
     lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) | Run under a cap |",
              "|---|---|---|---|---|"]
     for card in CARDS_GB:
-        fits = [r for r in recs if footprint(r) + CONTEXT_GB <= card and not r["cache"]]
+        fits = [r for r in recs if not r["cache"] and (footprint(r) + CONTEXT_GB <= card
+                                                       or 0 < (r["extras"].get("memory_cap_gb") or 0) <= card)]
         best_fit = min(fits, key=lambda r: r["timing"]["median_s"], default=None)
         lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
                                           f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | "
@@ -254,11 +255,12 @@ def memory_table(runs_: list[dict]) -> Markdown:
                      f"| {footprint(r):.1f} | {_cap(r)} | `{Path(r['_path']).name}` |")
     device = recs[0]["provenance"]["device_name"]
     note = (f"Measured on {device} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the timed calls, "
-            f"as PyTorch's allocator saw it; a configuration fits a card when its peak reserved memory plus "
-            f"{CONTEXT_GB:g} GB for the CUDA context does. 'Run under a cap': from its first call on, PyTorch could hold "
-            "no more than that on the GPU (`torch.cuda.set_per_process_memory_fraction`), so the run itself shows "
-            "the configuration fits; loading and quantizing ran uncapped. Times on a smaller card's own GPU differ "
-            "from these.")
+            f"as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at most the card's "
+            f"size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run under a "
+            "cap': from its first call on, PyTorch could hold no more than that many 10^9 bytes on the GPU "
+            "(`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more than "
+            "the allowance for the CUDA context beside the cap, so the run itself shows the configuration fits. "
+            "Loading and quantizing ran uncapped. Times on a smaller card's own GPU differ from these.")
     return Markdown("\n".join(lines) + f"\n\n*{note}*")
 
 

@@ -84,8 +84,9 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     other = variant("two-other", 2.5, 2, {"parallel": dict(ulysses=2, ring=1, exchange="one")})
     records.write(tmp_path / "bench-2gpu.json", [one, two, other])
     records.write(tmp_path / "bench-2gpu-exchange.json", [one, other])
-    fast = variant("fast", 1.0, optimizations={"graphs": dict(cuda_graphs=True, blocks_compiled=True)})
-    capped = variant("capped", 1.2, extras={"memory_cap_gb": 16})
+    fast = variant("fast", 1.0, optimizations={"graphs": dict(cuda_graphs=True, blocks_compiled=True)},
+                   extras={"peak_reserved_gb": 30.0})
+    capped = variant("capped", 1.2, extras={"memory_cap_gb": 16, "peak_reserved_gb": 15.8})
     slow = variant("slow", 9.0, extras={"memory_cap_gb": 8})
     records.write(tmp_path / "bench-1gpu-memory.json", [fast, capped, slow])
     runs = ladder.runs(tmp_path)
@@ -96,7 +97,11 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     assert "`capped` (capped) completed under a cap of 16 GB: 1.200 s per image" in verdict
     assert "1.20x `fast` (1.000 s) of the same run: **met**" in verdict
     assert "`slow` (slow) completed under a cap of 8 GB" in verdict and "nothing was run under a cap of 4 GB" in verdict
-    assert "| `capped`: capped | 1.200 |" in ladder.memory_table(runs).data
+    table = ladder.memory_table(runs).data
+    assert "| `capped`: capped | 1.200 |" in table
+    # 15.8 GB reserved + the context allowance is over 16 GB, but `capped` ran under a 16 GB cap: it fits that card
+    assert "| 16 GB | `capped`: capped | 1.200 | 15.8 | 16 GB: completed |" in table
+    assert "| 48 GB | `fast`: fast | 1.000 | 30.0 | — |" in table
     (gap,) = ladder.gap(runs[1], "here")
     assert "`two` takes 2.000 s where `one` (3.000 s) split evenly would take 1.500 s" in gap
     assert "is 1.000 s" in gap and "compute 1.200 s (+0.200 s)" in gap and "under 10 us 0.050 s" in gap
