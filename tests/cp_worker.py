@@ -1,23 +1,34 @@
 """Run under torchrun: generate latents with context parallelism (optionally the cache, optionally CUDA graphs,
-which fall back to plain calls on CPU); rank 0 saves them.
+which fall back to plain calls on CPU, optionally the FP8 attention processor with exact attention in its call,
+since cuDNN's FP8 kernel needs a Hopper GPU); every rank saves them.
 
-Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD] [graphs]
+Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD|none] [graphs] [fp8attn]
 """
 import sys
 
 import torch
 
 import fluxlab
-from fluxlab import parallel
+from fluxlab import fp8_attention, parallel
+
+
+def exact_attention(query, key, value, scale=None):
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
+                                                           scale=scale)
+    return out.transpose(1, 2)
 
 
 def main():
     out, ulysses, ring = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     threshold = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "none" else None
-    graphs = len(sys.argv) > 5 and sys.argv[5] == "graphs"
+    flags = set(sys.argv[5:])
+    graphs = "graphs" in flags
     settings = fluxlab.check_settings("tiny", device="cpu", steps=8)
     world = parallel.init(settings.device)
     pipe = fluxlab.load_pipeline(settings)
+    if "fp8attn" in flags:  # the processor and its Ulysses path, around exact attention
+        fp8_attention.attention = exact_attention
+        fp8_attention.use(pipe.transformer)
     fluxlab.optimize(pipe, parallel=(ulysses, ring), cache=threshold, graphs=graphs)
     latents = fluxlab.generate(pipe, settings, output_type="latent")
     stats = fluxlab.cache.stats(pipe.transformer)

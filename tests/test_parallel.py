@@ -29,6 +29,17 @@ def test_context_parallel_matches_one_process(tmp_path, tiny, tiny_pipe, nproc, 
         assert out["applied"]["parallel"] == dict(ulysses=ulysses, ring=ring)
 
 
+def test_fp8_attention_processor_under_ulysses_matches_one_process(tmp_path, tiny, tiny_pipe):
+    """FP8AttnProcessor's context-parallel path (diffusers' Ulysses template around the processor's attention
+    call), with exact attention in that call: the latents of one process, attention reported on every rank."""
+    result = torchrun(2, WORKER, tmp_path / "out", 2, 1, "none", "fp8attn", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = latents(tiny_pipe, tiny)
+    for out in _outputs(tmp_path / "out", 2):
+        assert (out["latents"] - reference).abs().max().item() <= 1e-4
+        assert out["applied"]["attention"] == "cudnn_fp8" and out["applied"]["parallel"] == dict(ulysses=2, ring=1)
+
+
 def test_eight_processes_refuse_what_does_not_split(tmp_path):
     """The tiny pipeline has 6 attention heads: Ulysses over 8 processes cannot split them; the runner refuses
     before anything runs, naming splits that work (ring 8 and ulysses 2 x ring 4 pass the test above)."""
