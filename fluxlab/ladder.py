@@ -137,14 +137,19 @@ def verdict(run: dict, targets: dict) -> Markdown:
     elif target:
         met = top["timing"]["median_s"] <= target["seconds"] and speedup >= target["speedup"]
         lines.append(f"Target: <= {target['seconds']} s and >= {target['speedup']}x: **{'met' if met else 'not met'}**.")
+    if any("offload" in r["optimizations"] or r["extras"].get("memory_cap_gb") for r in recs):
+        lines.append("This run's rows are not rungs of one ladder: they trade time for GPU memory, and the memory "
+                     "table below compares them card by card.")
+        recs = []
     kept, dropped = [], []
     for r in recs:
         before = previous(recs, r)
         if before is not None:
             gain = before["timing"]["median_s"] / r["timing"]["median_s"] - 1
             (kept if gain > SAME else dropped).append(f"`{r['name']}` ({gain:+.1%} vs `{before['name']}`)")
-    lines.append("Faster than the rung below: " + (", ".join(kept) or "none") + ". Not faster (within "
-                 f"{SAME:.0%} or slower): " + (", ".join(dropped) or "none") + ".")
+    if recs:
+        lines.append("Faster than the rung below: " + (", ".join(kept) or "none") + ". Not faster (within "
+                     f"{SAME:.0%} or slower): " + (", ".join(dropped) or "none") + ".")
     for i, p in enumerate(top["extras"].get("profile") or []):
         lines.append(f"Process {i} of `{top['name']}`, one profiled image ({p['wall_s']:.3f} s under the profiler): "
                      f"compute {p['compute_s']:.3f} s, communication {p['communication_s']:.3f} s of which "

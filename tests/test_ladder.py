@@ -105,4 +105,7 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     (gap,) = ladder.gap(runs[1], "here")
     assert "`two` takes 2.000 s where `one` (3.000 s) split evenly would take 1.500 s" in gap
     assert "is 1.000 s" in gap and "compute 1.200 s (+0.200 s)" in gap and "under 10 us 0.050 s" in gap
-    assert "No speed target is judged on this run" in ladder.verdict(runs[0], {1: dict(seconds=1, speedup=1)}).data
+    memory_run = ladder.verdict(runs[0], {1: dict(seconds=1, speedup=1)}).data
+    assert "No speed target is judged on this run" in memory_run
+    assert "trade time for GPU memory" in memory_run and "Faster than the rung below" not in memory_run
+    assert "Faster than the rung below" in ladder.verdict(runs[2], {}).data
