@@ -1,6 +1,7 @@
 """The article's techniques composed on one pipeline, in its order, with the same library calls the chapters make;
 the benchmark and the server use this, so they time the code the book teaches."""
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
 
 from . import cache as first_block_cache
 from . import fp8_attention
@@ -32,6 +33,10 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
           inductor_flags=False, overlap=False, parallel=None, attention=None) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
+    backends = [b.value for b in AttentionBackendName]
+    if attention is not None and attention != fp8_attention.NAME and attention not in backends:
+        raise ValueError(f"attention={attention!r}: use {fp8_attention.NAME!r} (FP8 on Hopper) or one of diffusers' "
+                         f"backends: {', '.join(backends)}.")
     if attention == fp8_attention.NAME:
         reason = fp8_attention.unavailable(device) if device is not None else None
         if reason:
@@ -99,6 +104,10 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     if graphs and "cache" in done:
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
+    backends = [b.value for b in AttentionBackendName]
+    if attention is not None and attention != fp8_attention.NAME and attention not in backends:
+        raise ValueError(f"attention={attention!r}: use {fp8_attention.NAME!r} (FP8 on Hopper) or one of diffusers' "
+                         f"backends: {', '.join(backends)}.")
     if attention == fp8_attention.NAME:
         fp8_attention.use(transformer)
     elif attention is not None:

@@ -57,19 +57,23 @@ class PoolConfig:
     fp8: str | None = None
     compile: str | None = None
     graphs: bool = False
+    attention: str | None = None
+    offload: str | None = None
 
     def check(self):
         """The pool's base request (the source's defaults), after checking every field."""
         check_int("nproc", self.nproc, 1, 64)
-        check_options(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs)
+        check_options(**{k: v for k, v in self.optimizations().items() if k != "parallel"})
         base = check_settings(self.model_source, self.device)
         if self.nproc > 1:
             parallel.check_split(base, self.nproc, self.nproc)
             parallel.check_gpus(base.device, self.nproc)
+        check_options(**self.optimizations(), device=base.device)  # what needs the device: FP8 attention, offload
         return base
 
     def optimizations(self) -> dict:
-        kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs)
+        kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs,
+                      attention=self.attention, offload=self.offload)
         if self.nproc > 1:
             kwargs["parallel"] = parallel.degrees(self.nproc)
         return kwargs

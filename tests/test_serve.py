@@ -245,6 +245,9 @@ def test_soak_mixed_requests_leave_the_pool_healthy_and_unchanged(server):
     (["--model-source", "/nowhere"], "no such folder"),
     (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:8000"),
     (["--model-source", "flux-dev-random"], "the server with the full-size model needs a CUDA GPU with 40 GB"),
+    (["--attention", "cudnn_fp8"], "attention='cudnn_fp8' runs cuDNN's FP8 attention kernels for Hopper"),
+    (["--attention", "fastest"], "attention='fastest': use 'cudnn_fp8' (FP8 on Hopper) or one of diffusers'"),
+    (["--offload", "encoders"], "offload='encoders' moves weights between the CPU and a GPU"),
 ])
 def test_server_options_are_checked_before_any_process_starts(args, message):
     start = time.monotonic()

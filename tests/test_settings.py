@@ -83,6 +83,7 @@ def test_source_kinds(tmp_path):
     (dict(offload="model", graphs=True), "offload moves the weights that CUDA graphs replay"),
     (dict(offload="group", compile="regional"), "offload='group' streams each layer's weights in as it runs"),
     (dict(attention="cudnn_fp8", parallel=(1, 2)), "not in ring attention"),
+    (dict(attention="flash9"), "attention='flash9': use 'cudnn_fp8' \\(FP8 on Hopper\\) or one of diffusers' backends"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
