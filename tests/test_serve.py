@@ -257,6 +257,13 @@ def test_server_options_are_checked_before_any_process_starts(args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_streaming_weights_lowers_the_gpu_memory_the_server_asks_for():
+    from fluxlab.app import gpu_need_gb
+    assert gpu_need_gb(PoolConfig()) == gpu_need_gb(PoolConfig(offload="encoders")) == 40  # bf16: the chapters' need
+    assert gpu_need_gb(PoolConfig(fp8="rowwise", offload="encoders")) == 16
+    assert gpu_need_gb(PoolConfig(fp8="rowwise", offload="group")) == gpu_need_gb(PoolConfig(offload="sequential")) == 8
+
+
 def test_a_taken_port_is_refused_before_any_process_starts():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
