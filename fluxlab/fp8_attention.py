@@ -7,6 +7,7 @@ FP8 for the product with v, and writes the output in FP8 (Hopper has no bf16 out
 scale, since no output exceeds v's maximum; the processor turns it back into bf16. Why cuDNN: torch's
 scaled_dot_product_attention has no FP8 path without FlashAttention-3, which has no wheel for this torch.
 """
+import importlib
 import math
 
 import torch
@@ -25,7 +26,7 @@ def unavailable(device: torch.device) -> str | None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         return f"attention={NAME!r} runs cuDNN's FP8 attention kernels for Hopper (H100, H200); not on {name}."
     try:
-        import cudnn  # noqa: F401
+        importlib.import_module("cudnn")
     except ImportError:
         return f"attention={NAME!r} needs the cuDNN frontend: pip install nvidia-cudnn-frontend"
     return None
