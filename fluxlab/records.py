@@ -27,6 +27,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import platform
 import subprocess
 import tomllib
@@ -106,9 +107,14 @@ def replace_atomically(path: Path, data: bytes) -> Path:
 
 
 def git_commit() -> str:
-    """The commit the code ran at ('+dirty' if the tree had changes); FLUXLAB_GIT_COMMIT where git is absent."""
-    if os.environ.get("FLUXLAB_GIT_COMMIT"):
-        return os.environ["FLUXLAB_GIT_COMMIT"]
+    """The commit the code ran at ('+dirty' if the tree had changes); FLUXLAB_GIT_COMMIT where git is absent, which
+    must be a full commit id (records are matched to commits by it)."""
+    given = os.environ.get("FLUXLAB_GIT_COMMIT")
+    if given:
+        if not re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", given):
+            raise ValueError(f"FLUXLAB_GIT_COMMIT={given!r}: give the full 40-character commit id "
+                             "(git rev-parse HEAD), not an abbreviation.")
+        return given
     here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,

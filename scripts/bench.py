@@ -166,6 +166,7 @@ def main():
             raise ValueError(f"unknown or no configuration(s) {unknown}; allowed: {list(LADDER)}")
         if len(set(names)) != len(names):
             raise ValueError(f"a configuration is listed twice: {names}")
+        records.git_commit()  # the records' provenance, checked before anything loads
         settings = fluxlab.check_settings(args.source, steps=args.steps, height=args.height, width=args.width)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         for name in names:

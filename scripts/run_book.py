@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT))
 from fluxlab import book  # noqa: E402
+from fluxlab.records import git_commit  # noqa: E402
 
 SETTINGS = ("model_source", "device", "prompt", "height", "width", "steps", "guidance", "seed",
             "max_sequence_length")
@@ -325,6 +326,10 @@ def main() -> None:
         raise SystemExit(f"error: unknown chapter(s) {sorted(set(wanted) - set(all_names))}; allowed: {all_names}")
     selected = [c for c in book.chapters() if c["name"] in wanted]
     params = parse_params(args.param)
+    try:
+        commit = git_commit()  # before anything runs: records carry it
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     check_tools(build=not args.no_build, execute=not args.build_only)
     summary = []
     if not args.build_only:
@@ -332,9 +337,7 @@ def main() -> None:
         held = lock(out)
         os.environ.setdefault("FLUXLAB_RUN_ID", uuid.uuid4().hex[:12])
         os.environ["FLUXLAB_PROGRESS"] = "0"  # no denoising progress bars in executed pages
-        from fluxlab.records import git_commit
-
-        os.environ.setdefault("FLUXLAB_GIT_COMMIT", git_commit())
+        os.environ.setdefault("FLUXLAB_GIT_COMMIT", commit)
         staging_root = out / ".staging" / os.environ["FLUXLAB_RUN_ID"]
         runs, where = book.runs(out), device_name(settings)
         for chapter in selected:

@@ -91,3 +91,13 @@ def test_gpu_links_reads_the_topology_matrix():
     assert records.gpu_links(TOPOLOGY, 2) == "NV18"
     assert records.gpu_links(TOPOLOGY, 3) == "NV18, SYS"
     assert records.gpu_links("", 2) is None
+
+
+def test_a_given_commit_must_be_a_full_id(monkeypatch):
+    """Where git is absent (a GPU machine with a copy of the tree), FLUXLAB_GIT_COMMIT names the commit: an
+    abbreviation is refused before anything runs, so no record carries one."""
+    monkeypatch.setenv("FLUXLAB_GIT_COMMIT", "7a23cd6")
+    with pytest.raises(ValueError, match="give the full 40-character commit id"):
+        records.git_commit()
+    monkeypatch.setenv("FLUXLAB_GIT_COMMIT", "7a23cd6f4a3f9595dbc1076cebc0af3ccb55b715")
+    assert records.git_commit() == "7a23cd6f4a3f9595dbc1076cebc0af3ccb55b715"
