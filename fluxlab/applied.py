@@ -1,7 +1,7 @@
 """What has been done to a pipeline, read off the pipeline itself: records describe what ran, whichever code (a
 chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
-from diffusers.hooks.group_offloading import _GROUP_OFFLOADING as GROUP_OFFLOADING
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 from . import cache, fp8_attention, quant
 
@@ -16,12 +16,6 @@ def _compile_scope(pipe) -> str | None:
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()):
         return "regional"
     return None
-
-
-def _group_offloaded(model) -> bool:
-    """Whether diffusers' group offloading hooks sit on any of the model's modules."""
-    return any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(GROUP_OFFLOADING)
-               for m in model.modules())
 
 
 def applied(pipe) -> dict:
@@ -65,9 +59,9 @@ def applied(pipe) -> dict:
         done["offload"] = "model"
     elif any(h is not None for h in hooks):
         done["offload"] = "sequential"
-    elif _group_offloaded(pipe.transformer):
+    elif _is_group_offload_enabled(pipe.transformer):
         done["offload"] = "group"
-    elif _group_offloaded(pipe.text_encoder_2):
+    elif _is_group_offload_enabled(pipe.text_encoder_2):
         done["offload"] = "encoders"
     conv = pipe.vae.decoder.conv_in.weight
     if conv.dim() == 4 and conv.shape[1] > 1 and conv.is_contiguous(memory_format=torch.channels_last) \

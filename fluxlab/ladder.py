@@ -247,8 +247,7 @@ def memory_table(runs_: list[dict]) -> Markdown:
     lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) | Run under a cap |",
              "|---|---|---|---|---|"]
     for card in CARDS_GB:
-        fits = [r for r in recs if not r["cache"] and (footprint(r) + CONTEXT_GB <= card
-                                                       or 0 < (r["extras"].get("memory_cap_gb") or 0) <= card)]
+        fits = [r for r in recs if not r["cache"] and (footprint(r) + CONTEXT_GB <= card or _capped_within(r, card))]
         best_fit = min(fits, key=lambda r: r["timing"]["median_s"], default=None)
         lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
                                           f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | "
@@ -269,6 +268,11 @@ def memory_table(runs_: list[dict]) -> Markdown:
     return Markdown("\n".join(lines) + f"\n\n*{note}*")
 
 
+def _capped_within(rec: dict, card: float) -> bool:
+    """Whether the record ran under a memory cap of at most `card` GB."""
+    return 0 < (rec["extras"].get("memory_cap_gb") or 0) <= card
+
+
 def _cap(rec: dict) -> str:
     cap = rec["extras"].get("memory_cap_gb")
     return f"{cap:g} GB: completed" if cap else "—"
@@ -280,8 +284,7 @@ def memory_verdict(runs_: list[dict], targets: dict) -> Markdown:
     lines = []
     for card, slowdown in sorted(targets.items(), reverse=True):
         aim = f"within {slowdown:g}x of its run's fastest configuration" if slowdown else "that completes"
-        capped = [(r, run) for run in runs_ for r in run["records"] if r["processes"] == 1
-                  and r["extras"].get("memory_cap_gb") and r["extras"]["memory_cap_gb"] <= card]
+        capped = [(r, run) for run in runs_ for r in run["records"] if r["processes"] == 1 and _capped_within(r, card)]
         if not capped:
             lines.append(f"* {card} GB, target: a configuration {aim}: nothing was run under a cap of "
                          f"{card} GB or less.")

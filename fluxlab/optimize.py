@@ -104,10 +104,6 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     if graphs and "cache" in done:
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
-    backends = [b.value for b in AttentionBackendName]
-    if attention is not None and attention != fp8_attention.NAME and attention not in backends:
-        raise ValueError(f"attention={attention!r}: use {fp8_attention.NAME!r} (FP8 on Hopper) or one of diffusers' "
-                         f"backends: {', '.join(backends)}.")
     if attention == fp8_attention.NAME:
         fp8_attention.use(transformer)
     elif attention is not None:

@@ -63,12 +63,11 @@ class PoolConfig:
     def check(self):
         """The pool's base request (the source's defaults), after checking every field."""
         check_int("nproc", self.nproc, 1, 64)
-        check_options(**{k: v for k, v in self.optimizations().items() if k != "parallel"})
         base = check_settings(self.model_source, self.device)
         if self.nproc > 1:
             parallel.check_split(base, self.nproc, self.nproc)
             parallel.check_gpus(base.device, self.nproc)
-        check_options(**self.optimizations(), device=base.device)  # what needs the device: FP8 attention, offload
+        check_options(**self.optimizations(), device=base.device)  # on the device: FP8 attention, offload need one
         return base
 
     def optimizations(self) -> dict:

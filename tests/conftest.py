@@ -27,6 +27,14 @@ def latents(pipe, settings) -> torch.Tensor:
     return fluxlab.generate(pipe, settings, output_type="latent")
 
 
+def exact_attention(query, key, value, scale=None):
+    """What `fluxlab.fp8_attention.attention` computes, in full precision ((batch, sequence, heads, dim) layout): the
+    stand-in where cuDNN's FP8 kernel cannot run."""
+    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
 def torchrun(nproc: int, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

@@ -11,11 +11,7 @@ import torch
 import fluxlab
 from fluxlab import fp8_attention, parallel
 
-
-def exact_attention(query, key, value, scale=None):
-    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
-                                                           scale=scale)
-    return out.transpose(1, 2)
+from conftest import exact_attention
 
 
 def main():

@@ -9,7 +9,7 @@ from fluxlab import fp8_attention, quant, shapes
 from fluxlab.applied import OFFLOAD_NAMES
 from fluxlab.optimize import INDUCTOR_FLAGS
 
-from conftest import latents
+from conftest import exact_attention, latents
 
 
 def test_optimize_and_the_chapters_calls_give_the_same_pipeline(tiny):
@@ -119,13 +119,6 @@ def test_group_offloading_is_read_off_the_pipeline_and_computes_the_same(tiny, t
     assert done == {"offload": offload}
     assert fluxlab.describe(done) == OFFLOAD_NAMES[offload]
     assert torch.equal(latents(tiny_pipe, tiny), reference)
-
-
-def exact_attention(query, key, value, scale=None):
-    """The attention `fp8_attention.attention` replaces, in full precision (sequence-major layout)."""
-    out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),
-                                                           scale=scale)
-    return out.transpose(1, 2)
 
 
 def fp8_emulated(query, key, value, scale=None):
