@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, quant
+from . import cache, fp8_attention, peer_exchange, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -25,7 +25,7 @@ def applied(pipe) -> dict:
     done = {}
     processors = transformer.attn_processors.values()
     backends = {getattr(p, "_attention_backend", None) for p in processors} - {None}
-    if any(isinstance(p, fp8_attention.FP8AttnProcessor) for p in processors):
+    if any(isinstance(p, fp8_attention.FP8AttnProcessor) or getattr(p, "fp8", False) for p in processors):
         backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
@@ -35,6 +35,8 @@ def applied(pipe) -> dict:
     if config is not None and config.context_parallel_config is not None:
         cp = config.context_parallel_config
         done["parallel"] = dict(ulysses=cp.ulysses_degree, ring=cp.ring_degree)
+        if peer_exchange.exchanges(transformer):
+            done["parallel"]["exchange"] = peer_exchange.exchanges(transformer)
     capture = getattr(transformer, "_fluxlab_capture", None)
     if capture is not None:
         done["graphs"] = dict(cuda_graphs=capture.enabled, blocks_compiled=capture.compiled)
@@ -104,5 +106,6 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(OFFLOAD_NAMES[done["offload"]])
     if "parallel" in done:
         p = done["parallel"]
-        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']})")
+        exchange = ", peer exchange" if p.get("exchange") == "peer" else ""
+        parts.append(f"CP x{processes} (ulysses {p['ulysses']}, ring {p['ring']}{exchange})")
     return " + ".join(parts) or "baseline"

@@ -12,8 +12,8 @@ import math
 
 import torch
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
-from diffusers.models.embeddings import apply_rotary_emb
+
+from .flux_attention import SwappedAttnProcessor
 
 NAME = "cudnn_fp8"  # fluxlab.optimize(pipe, attention=NAME)
 E4M3_MAX = 448.0  # largest float8_e4m3fn value
@@ -121,40 +121,14 @@ def _ulysses_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     return attention(query, key, value, scale)
 
 
-class FP8AttnProcessor(FluxAttnProcessor):
+class FP8AttnProcessor(SwappedAttnProcessor):
     """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`), under context parallelism too."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None:
-            raise ValueError(f"attention={NAME!r} takes no attention mask.")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query, encoder_key, encoder_value = (
-                x.unflatten(-1, (-1, attn.head_dim)) for x in (encoder_query, encoder_key, encoder_value))
-            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+    def attend(self, query, key, value):
         if self._parallel_config is None:
-            hidden_states = attention(query, key, value)
-        else:
-            hidden_states = _templated_context_parallel_attention(
-                query, key, value, forward_op=_ulysses_op, backward_op=None, _parallel_config=self._parallel_config)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+            return attention(query, key, value)
+        return _templated_context_parallel_attention(
+            query, key, value, forward_op=_ulysses_op, backward_op=None, _parallel_config=self._parallel_config)
 
 
 def use(transformer) -> None:

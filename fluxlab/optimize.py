@@ -7,12 +7,14 @@ from . import cache as first_block_cache
 from . import fp8_attention
 from . import graphs as cuda_graphs
 from . import parallel as context_parallel
+from . import peer_exchange
 from . import quant
 from .applied import applied
 from .settings import check_threshold
 
 COMPILE_SCOPES = ("regional", "full")
 OFFLOADS = ("model", "sequential", "encoders", "group")
+EXCHANGES = ("peer",)
 # flux-fast's inductor settings for FLUX (pytorch-labs/flux-fast): 1x1 convolutions as matrix products, no epilogue
 # fusion into matmul templates, coordinate-descent tuning of the generated kernels' block sizes.
 INDUCTOR_FLAGS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
@@ -31,7 +33,7 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
-          inductor_flags=False, overlap=False, parallel=None, attention=None) -> None:
+          inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
     backends = [b.value for b in AttentionBackendName]
     if attention is not None and attention != fp8_attention.NAME and attention not in backends:
@@ -44,6 +46,13 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         if parallel is not None and parallel[1] > 1:
             raise ValueError(f"attention={attention!r} runs between Ulysses' all-to-alls, not in ring attention "
                              "(which needs each block's log-sum-exp): use parallel=(N, 1).")
+    if exchange is not None:
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r}: allowed values are {EXCHANGES} (or None: diffusers' NCCL "
+                             "all-to-alls).")
+        if parallel is None or parallel[0] < 2 or parallel[1] != 1:
+            raise ValueError(f"exchange={exchange!r} replaces Ulysses' all-to-alls: use it with parallel=(N, 1), "
+                             "N >= 2.")
     if compile_mode is not None and compile_mode not in torch._inductor.list_mode_options():
         raise ValueError(f"compile_mode={compile_mode!r}: allowed values are "
                          f"{tuple(torch._inductor.list_mode_options())} (or None).")
@@ -76,13 +85,14 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
 
 
 def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
-             graphs: bool = False, cache: float | None = None, fp8: str | None = None,
+             exchange: str | None = None, graphs: bool = False, cache: float | None = None, fp8: str | None = None,
              compile: str | None = None, compile_mode: str | None = None, inductor_flags: bool = False,
              overlap: bool = False, channels_last_vae: bool = False, vae_tiling: bool = False,
              offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn', or 'cudnn_fp8': FP8
     attention on Hopper, `fluxlab.fp8_attention`), fused QKV projections,
-    context parallelism (ulysses, ring), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
+    context parallelism (ulysses, ring; with exchange='peer', Ulysses' all-to-alls become copies into the other
+    GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
     ('rowwise'/'tensorwise'), torch.compile ('regional': the repeated blocks, 'full': the whole transformer; with
     `inductor_flags`, flux-fast's inductor settings; with `overlap`, compute reordered around collectives),
     a channels-last VAE, a tiled VAE decode, and CPU offload ('model': each component moves to the GPU when it
@@ -91,7 +101,7 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
     and VAE stay on the GPU; 'group': every component's layers stream in so). Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
-          parallel, attention)
+          parallel, attention, exchange)
     done = applied(pipe)
     asked = dict(attention=attention, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
                  cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
@@ -114,6 +124,8 @@ def optimize(pipe, *, attention: str | None = None, fuse_qkv: bool = False, para
         transformer.fuse_qkv_projections()
     if parallel is not None:
         context_parallel.enable(transformer, *parallel)
+    if exchange == "peer":
+        peer_exchange.use(transformer)
     options = compile_options(compile_mode, inductor_flags, overlap and transformer.device.type == "cuda")
     if graphs:  # the blocks are compiled beneath the graphs (regionally) when compile is asked for
         cuda_graphs.capture_blocks(transformer, compile=compile == "regional", options=options)

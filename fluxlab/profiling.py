@@ -16,7 +16,10 @@ from .pipeline import generate
 
 # Kernel name patterns, tried in this order (inductor's fused kernels name the ops they fuse, e.g.
 # "triton_..._scaled_mm_...", so they come first; cuBLAS's FP8 kernels are "nvjet_..._qqtst_...").
-KERNEL_KINDS = {"fused elementwise / quantization (triton)": ("triton",), "communication": ("nccl", "all_to_all"),
+# The peer exchanges' barrier (torch symmetric memory's "barrier_kernel") counts as communication; their copies into
+# the peers' memory are copy kernels like any other and count as compute.
+KERNEL_KINDS = {"fused elementwise / quantization (triton)": ("triton",),
+                "communication": ("nccl", "all_to_all", "barrier_kernel"),
                 "attention": ("flash", "fmha", "sdpa", "attn", "attention"),
                 "FP8 GEMM": ("qqtst", "f8", "e4m3", "scaled_mm"), "convolution": ("implicit_gemm", "conv", "fprop"),
                 "GEMM (bf16)": ("gemm", "cutlass", "xmma", "nvjet", "sm90")}
@@ -129,6 +132,32 @@ def ulysses_traffic(settings, world_size: int, blocks: int, inner_dim: int, dtyp
     sizes = sorted({2 ** 20 // size, 4 * 2 ** 20 // size, numel, 3 * numel, 64 * 2 ** 20 // size, 256 * 2 ** 20 // size})
     one["sweep"] = [all_to_all_seconds(n, dtype, device, iters=20) for n in sizes]
     return one
+
+
+def peer_round_trip_seconds(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                            iters: int = 50) -> dict:
+    """One attention layer's exchanges with `fluxlab.peer_exchange` (q, k and v out, the output back, no attention
+    between) on (1, tokens / processes, heads, head_dim) tensors (every process must call this): median and
+    minimum milliseconds, to set beside four bare all-to-alls."""
+    from .peer_exchange import exchanged_attention
+    world = dist.get_world_size()
+    q, k, v = (torch.randn(1, tokens // world, heads, head_dim, device=device).to(dtype) for _ in range(3))
+
+    def trip():
+        return exchanged_attention(q, k, v, dist.group.WORLD, lambda q_, k_, v_: q_)
+
+    for _ in range(5):
+        trip()
+    times = []
+    for _ in range(iters):
+        dist.barrier(device_ids=[device.index])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        trip()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return dict(ms_median=statistics.median(times), ms_min=min(times))
 
 
 def every_rank(pipe, settings) -> list[dict] | None:

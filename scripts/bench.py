@@ -29,7 +29,8 @@ from fluxlab import ladder, parallel, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
-CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention")
+CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
+           "exchange")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -65,6 +66,8 @@ LADDER = {
     "cp-fp8-graphs": (ALL, dict(FP8, graphs=True)),
     "cp-fp8-cudnn-graphs": (ALL, dict(FP8, attention="_native_cudnn", graphs=True)),
     "cp-fp8-attnfp8-graphs": (ALL, dict(FP8, attention="cudnn_fp8", graphs=True)),
+    "cp-fp8-peer-graphs": (ALL, dict(FP8, exchange="peer", graphs=True)),
+    "cp-fp8-attnfp8-peer-graphs": (ALL, dict(FP8, attention="cudnn_fp8", exchange="peer", graphs=True)),
     "cp-fp8-overlap-graphs": (ALL, dict(FP8, overlap=True, graphs=True)),
     "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),
     "cp-fbcache-fp8": (ALL, dict(FP8, cache=0.12)),
@@ -192,6 +195,14 @@ def main():
                   f"one image's Ulysses traffic at that speed: {traffic['per_image_s']:.3f} s", flush=True)
             print("all-to-all sweep: " + ", ".join(f"{t['bytes_per_process'] / 1e6:.1f} MB {t['ms_median'] * 1e3:.1f} us"
                                                    for t in traffic["sweep"]), flush=True)
+        if any(optimize_kwargs(c, world.world_size)[1].get("exchange") == "peer" for c in names):
+            trip = profiling.peer_round_trip_seconds(settings.image_tokens + settings.max_sequence_length,
+                                                     config["num_attention_heads"], config["attention_head_dim"],
+                                                     torch.bfloat16, world.device)
+            traffic["peer_round_trip"] = trip
+            if world.is_main:
+                print(f"one layer's peer exchanges (q, k, v out, output back): {trip['ms_median'] * 1e3:.1f} us "
+                      f"median; four bare all-to-alls: {4 * traffic['ms_median'] * 1e3:.1f} us", flush=True)
     final = Path(args.out) / ladder.bench_file(world.world_size, args.tag)
     partial = final.with_name(final.stem + ".partial.json")
     done, references = [], {}

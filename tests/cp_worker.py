@@ -1,8 +1,9 @@
 """Run under torchrun: generate latents with context parallelism (optionally the cache, optionally CUDA graphs,
 which fall back to plain calls on CPU, optionally the FP8 attention processor with exact attention in its call,
-since cuDNN's FP8 kernel needs a Hopper GPU); every rank saves them.
+since cuDNN's FP8 kernel needs a Hopper GPU, optionally the peer exchanges, which travel as gloo sends on CPU);
+every rank saves them.
 
-Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD|none] [graphs] [fp8attn]
+Usage: torchrun --nproc_per_node N tests/cp_worker.py OUT.pt ULYSSES RING [THRESHOLD|none] [graphs] [fp8attn] [peer]
 """
 import sys
 
@@ -25,7 +26,8 @@ def main():
     if "fp8attn" in flags:  # the processor and its Ulysses path, around exact attention
         fp8_attention.attention = exact_attention
         fp8_attention.use(pipe.transformer)
-    fluxlab.optimize(pipe, parallel=(ulysses, ring), cache=threshold, graphs=graphs)
+    fluxlab.optimize(pipe, parallel=(ulysses, ring), cache=threshold, graphs=graphs,
+                     exchange="peer" if "peer" in flags else None)
     latents = fluxlab.generate(pipe, settings, output_type="latent")
     stats = fluxlab.cache.stats(pipe.transformer)
     decisions = [c for _, _, c in stats.runs[-1]] if stats else None

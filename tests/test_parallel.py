@@ -40,6 +40,23 @@ def test_fp8_attention_processor_under_ulysses_matches_one_process(tmp_path, tin
         assert out["applied"]["attention"] == "cudnn_fp8" and out["applied"]["parallel"] == dict(ulysses=2, ring=1)
 
 
+@pytest.mark.parametrize("flags", [["peer"], ["fp8attn", "peer", "graphs"]])
+def test_peer_exchange_matches_one_process(tmp_path, tiny, tiny_pipe, flags):
+    """Ulysses with fluxlab's peer exchanges (on CPU the same copies travel as gloo sends; on GPUs they are writes
+    into the peers' memory): which head group and which rows go where, with diffusers' attention, and inside the
+    FP8 processor (exact attention in its call) on the graph path. (The tiny model's sequence splits over 2
+    processes, not 3; its 6 heads not over 4.)"""
+    nproc = 2
+    result = torchrun(nproc, WORKER, tmp_path / "out", nproc, 1, "none", *flags, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "copies travel as point-to-point sends" in result.stdout
+    reference = latents(tiny_pipe, tiny)
+    for out in _outputs(tmp_path / "out", nproc):
+        assert (out["latents"] - reference).abs().max().item() <= 1e-4
+        assert out["applied"]["parallel"] == dict(ulysses=nproc, ring=1, exchange="peer")
+        assert ("attention" in out["applied"]) == ("fp8attn" in flags)
+
+
 def test_eight_processes_refuse_what_does_not_split(tmp_path):
     """The tiny pipeline has 6 attention heads: Ulysses over 8 processes cannot split them; the runner refuses
     before anything runs, naming splits that work (ring 8 and ulysses 2 x ring 4 pass the test above)."""
