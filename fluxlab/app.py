@@ -26,7 +26,7 @@ from starlette.datastructures import MutableHeaders
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from .book import chapter, check_full_size, full_size
-from .optimize import OFFLOADS
+from .optimize import EXCHANGES, OFFLOADS
 from .serve import REQUEST_FIELDS, Pool, PoolConfig, PoolError
 from .settings import SERVER_LIMITS, Limits, check_int
 
@@ -224,6 +224,8 @@ def main(argv=None) -> None:
     parser.add_argument("--graphs", action="store_true", help="CUDA graphs of the blocks (fluxlab.graphs)")
     parser.add_argument("--attention", help="an attention backend: diffusers' names, or cudnn_fp8 (FP8 on Hopper)")
     parser.add_argument("--offload", choices=OFFLOADS, help="stream weights from host memory (fluxlab.optimize)")
+    parser.add_argument("--exchange", choices=EXCHANGES,
+                        help="peer: Ulysses' exchanges as copies into the other GPUs' memory (fluxlab.peer_exchange)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
@@ -237,7 +239,7 @@ def main(argv=None) -> None:
                         max_side=check_int("max_side", args.max_side, 16, 16_384),
                         max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
         config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
-                            args.graphs, args.attention, args.offload)
+                            args.graphs, args.attention, args.offload, args.exchange)
         check_device(config, config.check())
         sock = bind(args.host, args.port)
     except ValueError as err:

@@ -59,6 +59,7 @@ class PoolConfig:
     graphs: bool = False
     attention: str | None = None
     offload: str | None = None
+    exchange: str | None = None
 
     def check(self):
         """The pool's base request (the source's defaults), after checking every field."""
@@ -72,7 +73,7 @@ class PoolConfig:
 
     def optimizations(self) -> dict:
         kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs,
-                      attention=self.attention, offload=self.offload)
+                      attention=self.attention, offload=self.offload, exchange=self.exchange)
         if self.nproc > 1:
             kwargs["parallel"] = parallel.degrees(self.nproc)
         return kwargs

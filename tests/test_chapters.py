@@ -67,6 +67,7 @@ def test_chapter_4_shows_the_books_own_pieces():
     code = "\n".join(c.source for c in cells(ROOT / "notebooks" / "04_context_parallel.ipynb") if c.cell_type == "code")
     assert "source_code(fluxlab.cache.global_relative_difference" in code
     assert "source_code(fluxlab.graphs.BlockGraph)" in code
+    assert "source_code(fluxlab.peer_exchange._exchange" in code and "fluxlab.peer_exchange.use(" in code
 
 
 # A measured number on a page comes from a record, so prose states none: a number with a unit of time, speed or

@@ -248,6 +248,7 @@ def test_soak_mixed_requests_leave_the_pool_healthy_and_unchanged(server):
     (["--attention", "cudnn_fp8"], "attention='cudnn_fp8' runs cuDNN's FP8 attention kernels for Hopper"),
     (["--attention", "fastest"], "attention='fastest': use 'cudnn_fp8' (FP8 on Hopper) or one of diffusers'"),
     (["--offload", "encoders"], "offload='encoders' moves weights between the CPU and a GPU"),
+    (["--exchange", "peer"], "exchange='peer' replaces Ulysses' all-to-alls: use it with parallel=(N, 1), N >= 2"),
 ])
 def test_server_options_are_checked_before_any_process_starts(args, message):
     start = time.monotonic()
