@@ -25,7 +25,7 @@ def applied(pipe) -> dict:
     done = {}
     processors = transformer.attn_processors.values()
     backends = {getattr(p, "_attention_backend", None) for p in processors} - {None}
-    if any(isinstance(p, fp8_attention.FP8AttnProcessor) or getattr(p, "fp8", False) for p in processors):
+    if any(isinstance(p, fp8_attention.FP8AttnProcessor) or getattr(p, "fp8_bounds", None) for p in processors):
         backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))

@@ -1,17 +1,23 @@
 """FP8 attention for FLUX on Hopper: cuDNN's FP8 flash attention (the `nvidia-cudnn-frontend` wheel) in an
 attention processor.
 
-Each call scales q, k and v by one factor each (448 over the tensor's absolute maximum, computed on the GPU) into
-float8_e4m3. cuDNN multiplies q·kᵀ in FP8 with float32 accumulation, scales the softmax probabilities by 256 into
+Each call scales q, k and v by one factor each into float8_e4m3. For v it is 448 over the tensor's absolute
+maximum, computed on the GPU. For q and k it is 448 over a bound known before any call: they leave an RMSNorm and
+the rotary embedding, and no element of RMSNorm(x) * w exceeds sqrt(head_dim) * max|w| (|x_i| / rms(x) <= sqrt(d)),
+which a rotation of pairs keeps; so no pass over q and k looks for their maximum, and their quantization joins the
+norm's kernel. FP8 is a floating-point format: values below the bound keep their relative precision. cuDNN multiplies q·kᵀ in FP8 with float32 accumulation, scales the softmax probabilities by 256 into
 FP8 for the product with v, and writes the output in FP8 (Hopper has no bf16 output for this kernel) on half of v's
 scale, since no output exceeds v's maximum; the processor turns it back into bf16. Why cuDNN: torch's
 scaled_dot_product_attention has no FP8 path without FlashAttention-3, which has no wheel for this torch.
 """
+import functools
 import importlib
 import math
 
 import torch
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .flux_attention import SwappedAttnProcessor
 
@@ -32,15 +38,30 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` scaled by 448 / max|x| into float8_e4m3fn, and the factor that scales it back (a 1x1x1x1 tensor)."""
-    scale = E4M3_MAX / x.abs().amax().float().clamp_min(1e-12)
+def quantize(x: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` scaled by 448 / max|x| (or 448 / `bound`, a number no |x| exceeds) into float8_e4m3fn, and the factor
+    that scales it back (a 1x1x1x1 tensor)."""
+    if bound is None:
+        scale = E4M3_MAX / x.abs().amax().float().clamp_min(1e-12)
+    else:
+        scale = torch.full((), E4M3_MAX / bound, dtype=torch.float32, device=x.device)
     return (x.float() * scale).to(torch.float8_e4m3fn).contiguous(), scale.reciprocal().reshape(1, 1, 1, 1)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention of (batch, sequence, heads, head_dim) tensors in FP8; returns that layout in bf16."""
-    (q, descale_q), (k, descale_k), (v, descale_v) = quantize(query), quantize(key), quantize(value)
+def norm_bound(*norms) -> float:
+    """A number no element of these RMSNorms' outputs exceeds, rotary embedding applied or not: sqrt(dim) times
+    the largest |weight| (1 without weights)."""
+    return max(math.sqrt(n.weight.numel()) * n.weight.detach().abs().max().item() if n.weight is not None
+               else math.sqrt(n.dim[-1]) for n in norms if n is not None)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+              bounds: tuple[float, float] | None = None) -> torch.Tensor:
+    """Softmax attention of (batch, sequence, heads, head_dim) tensors in FP8; returns that layout in bf16.
+    `bounds`: numbers no |query| and no |key| exceed (`norm_bound`); None: their maxima, computed."""
+    bound_q, bound_k = bounds or (None, None)
+    (q, descale_q), (k, descale_k) = quantize(query, bound_q), quantize(key, bound_k)
+    v, descale_v = quantize(value)
     scale_o = 0.5 / descale_v
     out = torch.ops.fluxlab.cudnn_sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, scale_o,
                                           scale or 1 / math.sqrt(query.shape[-1]))
@@ -114,24 +135,33 @@ def _graph(shape: tuple, device: torch.device, attn_scale: float):
 
 
 def _ulysses_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-                _save_ctx=True, _parallel_config=None):
+                _save_ctx=True, _parallel_config=None, bounds=None):
     """The forward op diffusers' Ulysses template calls between its all-to-alls (inference only: no LSE)."""
     if return_lse:
         raise ValueError(f"attention={NAME!r} returns no log-sum-exp: use Ulysses (not ring) context parallelism.")
-    return attention(query, key, value, scale)
+    return attention(query, key, value, scale, bounds)
 
 
 class FP8AttnProcessor(SwappedAttnProcessor):
-    """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`), under context parallelism too."""
+    """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`), under context parallelism too;
+    `bounds`: the layer's q and k bounds (`norm_bound`)."""
+
+    def __init__(self, bounds: tuple[float, float] | None = None):
+        super().__init__()
+        self.bounds = bounds
 
     def attend(self, query, key, value):
         if self._parallel_config is None:
-            return attention(query, key, value)
+            return attention(query, key, value, bounds=self.bounds)
         return _templated_context_parallel_attention(
-            query, key, value, forward_op=_ulysses_op, backward_op=None, _parallel_config=self._parallel_config)
+            query, key, value, forward_op=functools.partial(_ulysses_op, bounds=self.bounds), backward_op=None,
+            _parallel_config=self._parallel_config)
 
 
 def use(transformer) -> None:
-    """Give every attention layer of a FLUX transformer the FP8 processor (before context parallelism is enabled,
-    which hands each processor its configuration)."""
-    transformer.set_attn_processor(FP8AttnProcessor())
+    """Give every attention layer of a FLUX transformer its FP8 processor, with the bounds of its q and k norms
+    (before context parallelism is enabled, which hands each processor its configuration)."""
+    transformer.set_attn_processor({
+        f"{name}.processor": FP8AttnProcessor((norm_bound(attn.norm_q, getattr(attn, "norm_added_q", None)),
+                                               norm_bound(attn.norm_k, getattr(attn, "norm_added_k", None))))
+        for name, attn in transformer.named_modules() if isinstance(attn, FluxAttention)})

@@ -101,13 +101,13 @@ def exchanged_attention(query, key, value, group: dist.ProcessGroup, attend):
 # a compiled graph may reuse the memory of a tensor it no longer needs for a later one, and a receive buffer that
 # held, say, the block's output would be overwritten by the peers' next exchange.
 @torch.library.custom_op("fluxlab::peer_attention", mutates_args=())
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str, fp8: bool,
-              backend: str | None) -> torch.Tensor:
-    """`exchanged_attention` with FP8 attention (`fluxlab.fp8_attention`) or a diffusers backend between the
-    exchanges; returns a new tensor."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str,
+              fp8_bounds: list[float] | None, backend: str | None) -> torch.Tensor:
+    """`exchanged_attention` with FP8 attention (`fluxlab.fp8_attention`, with the layer's q and k bounds) when
+    `fp8_bounds` is given, else a diffusers backend, between the exchanges; returns a new tensor."""
     def attend(q, k, v):
-        if fp8:
-            return fp8_attention.attention(q, k, v)
+        if fp8_bounds is not None:
+            return fp8_attention.attention(q, k, v, bounds=tuple(fp8_bounds))
         return dispatch_attention_fn(q, k, v, backend=backend and AttentionBackendName(backend))
 
     return exchanged_attention(query, key, value, dist.distributed_c10d._resolve_process_group(group_name),
@@ -115,21 +115,23 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group
 
 
 @attention.register_fake
-def _(query, key, value, group_name, fp8, backend):
+def _(query, key, value, group_name, fp8_bounds, backend):
     return torch.empty_like(query)
 
 
 class PeerExchangeProcessor(SwappedAttnProcessor):
     """FLUX's attention under Ulysses context parallelism with peer exchanges (`attention`); the attention between
-    them is FP8 (`fluxlab.fp8_attention`) when `fp8`, else the layer's diffusers backend."""
+    them is FP8 (`fluxlab.fp8_attention`) when `fp8_bounds` (the layer's q and k bounds) is given, else the layer's
+    diffusers backend."""
 
-    def __init__(self, group_name: str, fp8: bool, backend=None):
+    def __init__(self, group_name: str, fp8_bounds: tuple[float, float] | None, backend=None):
         super().__init__()
-        self.group_name, self.fp8, self._attention_backend = group_name, fp8, backend
+        self.group_name, self.fp8_bounds, self._attention_backend = group_name, fp8_bounds, backend
 
     def attend(self, query, key, value):
         backend = self._attention_backend and AttentionBackendName(self._attention_backend).value
-        return attention(query, key, value, self.group_name, self.fp8, backend)
+        bounds = list(self.fp8_bounds) if self.fp8_bounds else None
+        return attention(query, key, value, self.group_name, bounds, backend)
 
 
 def use(transformer) -> None:
@@ -144,7 +146,8 @@ def use(transformer) -> None:
     group_name = cp._ulysses_mesh.get_group().group_name
     processors = {}
     for name, processor in transformer.attn_processors.items():
-        processors[name] = PeerExchangeProcessor(group_name, isinstance(processor, fp8_attention.FP8AttnProcessor),
+        fp8 = isinstance(processor, fp8_attention.FP8AttnProcessor)
+        processors[name] = PeerExchangeProcessor(group_name, processor.bounds if fp8 else None,
                                                  getattr(processor, "_attention_backend", None))
     transformer.set_attn_processor(processors)
 

@@ -27,7 +27,7 @@ def latents(pipe, settings) -> torch.Tensor:
     return fluxlab.generate(pipe, settings, output_type="latent")
 
 
-def exact_attention(query, key, value, scale=None):
+def exact_attention(query, key, value, scale=None, bounds=None):
     """What `fluxlab.fp8_attention.attention` computes, in full precision ((batch, sequence, heads, dim) layout): the
     stand-in where cuDNN's FP8 kernel cannot run."""
     out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (query, key, value)),

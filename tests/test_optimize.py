@@ -121,15 +121,20 @@ def test_group_offloading_is_read_off_the_pipeline_and_computes_the_same(tiny, t
     assert torch.equal(latents(tiny_pipe, tiny), reference)
 
 
-def fp8_emulated(query, key, value, scale=None):
-    """FP8 attention's rounding of q, k and v (fp8_attention.quantize), then exact attention: what runs on CPU."""
-    (q, dq), (k, dk), (v, dv) = (fp8_attention.quantize(x) for x in (query, key, value))
+def fp8_emulated(query, key, value, scale=None, bounds=None):
+    """FP8 attention's rounding of q and k (on the layer's bounds, which no |q| or |k| may exceed) and of v
+    (fp8_attention.quantize), then exact attention: what runs on CPU."""
+    bound_q, bound_k = bounds
+    assert 0 < query.abs().max().item() <= bound_q and 0 < key.abs().max().item() <= bound_k
+    (q, dq), (k, dk) = fp8_attention.quantize(query, bound_q), fp8_attention.quantize(key, bound_k)
+    v, dv = fp8_attention.quantize(value)
     return exact_attention(*((x.float() * d).to(query.dtype) for x, d in ((q, dq), (k, dk), (v, dv))), scale)
 
 
 def test_fp8_attention_processor_is_diffusers_processor_with_another_attention_call(tiny, tiny_pipe, monkeypatch):
     """FP8AttnProcessor repeats FluxAttnProcessor around its attention call: with exact attention in that call the
-    latents are diffusers' own; with q, k and v rounded to FP8 they move, by FP8's rounding and no more."""
+    latents are diffusers' own; with q, k and v rounded to FP8 (q and k on bounds no value exceeds) they move, by
+    FP8's rounding and no more."""
     reference = latents(tiny_pipe, tiny)
     fp8_attention.use(tiny_pipe.transformer)
     assert fluxlab.applied(tiny_pipe) == {"attention": "cudnn_fp8"}
