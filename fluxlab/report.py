@@ -240,6 +240,11 @@ def serving_table(one_shot: dict, served: dict) -> Markdown:
              f"| This chapter's first call after its load (`{one_shot['label']}`) | {c['cold_start_s']:.1f} |",
              f"| This chapter's timed call, median (min) | {c['median_s']:.3f} ({c['min_s']:.3f}) |",
              f"| Pool, per request after warm-up, median (min) | {t['median_s']:.3f} ({t['min_s']:.3f}) |"]
+    parts = served["extras"].get("pool", {}).get("per_request_median")
+    if parts:  # where a request's time goes, medians of the timed requests
+        lines += [f"| of which: the image, in the workers | {parts['image_in_worker_s']:.3f} |",
+                  f"| of which: PNG encoding, on process 0 | {parts['png_encode_s']:.3f} |",
+                  f"| of which: hand-over between processes (the rest) | {parts['hand_over_s']:.3f} |"]
     note = (f"Same configuration, same processes, same run ({served['processes']} process(es), {where([served])}). "
             f"The pool answers in {t['median_s'] / c['median_s'] - 1:+.1%} of the chapter's timed call, PNG "
             "encoding and the hand-over between processes included; torchrun's own start is not included.")

@@ -16,6 +16,7 @@ import itertools
 import os
 import queue
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -109,13 +110,15 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
     while (item := requests.get()) is not None:
         number, fields = item
         try:
+            start = time.perf_counter()
             image = generate(pipe, dataclasses.replace(settings, **fields))
+            made = time.perf_counter()
             png = None
             if rank == 0:
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG", compress_level=1)  # fast: noise images do not compress anyway
                 png = buffer.getvalue()
-            results.put((number, rank, "ok", png))
+            results.put((number, rank, "ok", (png, made - start, time.perf_counter() - made)))
         except Exception:  # the server's log keeps the traceback; the client gets its cause in one line
             print(f"request {number} failed on rank {rank}:", file=sys.stderr)
             traceback.print_exc()
@@ -218,7 +221,8 @@ class Pool:
                 self.served += 1
                 first_use = shape not in self.shapes
                 self.shapes.add(shape)
-                return answers[0][1], first_use
+                png, self.last_image_s, self.last_png_s = answers[0][1]
+                return png, first_use
             failed = [value for kind, value in answers.values() if kind == "failed"]
             if len(answers) == self.world_size:  # every rank answered: the pool is consistent, keep serving
                 self.failed += 1
@@ -280,14 +284,18 @@ def measure_pool(pool: Pool, settings, *, name: str, chapter: str, output_dir, r
     before its first image; it is recorded as the cold start."""
     fields = pool.check({k: getattr(settings, k) for k in REQUEST_FIELDS})
     pool.generate(fields)
-    times = []
+    times, image_s, png_s = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         png, _ = pool.generate(fields)
         times.append(time.perf_counter() - start)
+        image_s.append(pool.last_image_s)
+        png_s.append(pool.last_png_s)
+    parts = dict(image_in_worker_s=statistics.median(image_s), png_encode_s=statistics.median(png_s))
+    parts["hand_over_s"] = statistics.median(times) - parts["image_in_worker_s"] - parts["png_encode_s"]
     rec = record(name=name, chapter=chapter, settings=settings, optimizations=pool.applied, processes=pool.world_size,
                  timing=timing([pool.start_s], times), dtype=str(default_dtype(settings.device)).removeprefix("torch."),
                  label="serving pool: " + describe(pool.applied, pool.world_size), image=f"{chapter}--{name}.png",
-                 extras=dict(pool=dict(first_image_in_worker_s=pool.warmup_s)))
+                 extras=dict(pool=dict(first_image_in_worker_s=pool.warmup_s, per_request_median=parts)))
     save(rec, Image.open(io.BytesIO(png)), output_dir)
     return rec

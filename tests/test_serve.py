@@ -99,6 +99,10 @@ def test_pool_latency_record(server, tmp_path):
     assert server.pool.start_s > server.pool.warmup_s > 0  # the start includes loading, not just the first image
     assert rec["processes"] == 2 and rec["optimizations"]["parallel"] == dict(ulysses=2, ring=1)
     assert rec["extras"]["pool"]["first_image_in_worker_s"] == server.pool.warmup_s
+    parts = rec["extras"]["pool"]["per_request_median"]  # the request's time, split where it was spent
+    assert 0 < parts["image_in_worker_s"] < rec["timing"]["median_s"] and parts["png_encode_s"] > 0
+    assert parts["image_in_worker_s"] + parts["png_encode_s"] + parts["hand_over_s"] == pytest.approx(
+        rec["timing"]["median_s"])
     assert fluxlab.records.read(tmp_path / "t--pool.json")[0]["label"].startswith("serving pool: CP x2")
     one = one_shot(PROMPTS[1], 3, steps=28)
     assert np.abs(pixels((tmp_path / "t--pool.png").read_bytes()) - one).max() <= 1
