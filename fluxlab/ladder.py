@@ -188,6 +188,21 @@ def findings(runs_: list[dict]) -> str:
                 f"in NCCL with no compute beside it; with graphs {after['idle_s']:.3f} s and "
                 f"{after['exposed_communication_s']:.3f} s, while compute stayed at {before['compute_s']:.3f} → "
                 f"{after['compute_s']:.3f} s.")
+        for name, rec in recs.items():
+            nccl = recs.get(name.replace("-peer", "")) if "-peer" in name else None
+            if nccl and rec["extras"].get("profile") and nccl["extras"].get("profile"):
+                before, after = _extremes(nccl["extras"]["profile"]), _extremes(rec["extras"]["profile"])
+                trip = rec["extras"].get("all_to_all", {})
+                bare = (f" Bare, one layer's four NCCL all-to-alls took {4 * trip['ms_median'] * 1e3:.0f} us and its "
+                        f"peer exchanges {trip['peer_round_trip']['ms_median'] * 1e3:.0f} us (median, outside "
+                        "graphs)." if "peer_round_trip" in trip else "")
+                lines.append(
+                    f"* {where}, `{nccl['name']}` → `{name}` (Ulysses' exchanges as copies into the other GPU's "
+                    f"memory): {nccl['timing']['median_s']:.3f} → {rec['timing']['median_s']:.3f} s per image. "
+                    f"Communication not overlapped (the barriers, now) went {before['exposed_communication_s']:.3f} → "
+                    f"{after['exposed_communication_s']:.3f} s and idle {before['idle_s']:.3f} → {after['idle_s']:.3f} s "
+                    f"(the largest over the processes), while compute, which now holds the copies, went "
+                    f"{before['compute_s']:.3f} → {after['compute_s']:.3f} s.{bare}")
         top = best(run["records"], run["world_size"])
         vae = top and top["extras"].get("vae_decode_s")
         if vae and run["world_size"] > 1:
