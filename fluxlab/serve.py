@@ -32,6 +32,7 @@ from .applied import applied, describe
 from .measuring import record, save, timing
 from .optimize import optimize
 from .pipeline import default_dtype, generate, load_pipeline
+from .png import encode as encode_png
 from .optimize import check as check_options
 from .settings import SERVER_LIMITS, Limits, check_int, check_number
 from .settings import check as check_settings
@@ -113,11 +114,7 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
             start = time.perf_counter()
             image = generate(pipe, dataclasses.replace(settings, **fields))
             made = time.perf_counter()
-            png = None
-            if rank == 0:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG", compress_level=1)  # fast: noise images do not compress anyway
-                png = buffer.getvalue()
+            png = encode_png(image) if rank == 0 else None
             results.put((number, rank, "ok", (png, made - start, time.perf_counter() - made)))
         except Exception:  # the server's log keeps the traceback; the client gets its cause in one line
             print(f"request {number} failed on rank {rank}:", file=sys.stderr)

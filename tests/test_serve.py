@@ -20,6 +20,7 @@ import uvicorn
 from PIL import Image
 
 import fluxlab
+import fluxlab.png
 from fluxlab.app import MAX_BODY_BYTES, bind, make_app
 from fluxlab.serve import Pool, PoolConfig, measure_pool
 from fluxlab.settings import TINY_DIR
@@ -90,6 +91,16 @@ def test_concurrent_requests_match_one_shot_generation(server):
         assert np.abs(pixels(png) - reference[(request["prompt"], request["seed"])]).max() <= 1
     code, state = health(server.url)
     assert code == 200 and state["healthy"] and state["alive"] == 2 and state["served"] >= 24
+
+
+@pytest.mark.parametrize("mode, level", [("RGB", 0), ("RGB", 1), ("L", 0)])
+def test_png_encoding_keeps_every_pixel(mode, level):
+    """The server's PNG writer (unfiltered rows): Pillow reads back the same pixels, at odd sizes too."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    decoded = Image.open(io.BytesIO(fluxlab.png.encode(image, level)))
+    assert decoded.format == "PNG" and decoded.size == (53, 37)
+    assert np.array_equal(np.asarray(decoded), np.asarray(image.convert("RGB")))
 
 
 def test_pool_latency_record(server, tmp_path):
