@@ -8,6 +8,8 @@ buffers, so one copy kernel per destination writes a head group straight into it
 permute), and one barrier per direction says that every write has landed. NCCL has no call that writes into a
 strided place in a peer's buffer; torch's own micro-pipelined all-to-all (`_pipelined_produce_and_all2all`) uses
 the same barrier-and-copy pattern. Without CUDA (gloo: the tests) the same copies travel as point-to-point sends.
+Measured on 2 H200s (book/results/bench-2gpu-peer.json): FP8 + graphs went from 2.106 to 1.908 s per image;
+communication not overlapped fell from about 0.3 s per process to under 0.03 s, and the copies moved into compute.
 
 Ordering: every layer runs [write q, k, v; barrier; attention; write the output; barrier] on one stream. A process
 writes into a peer's q/k/v buffers only after the previous output barrier, which the peer reached after its
@@ -42,7 +44,8 @@ def _buffers(group: dist.ProcessGroup, name: str, shape: tuple, dtype: torch.dty
 def _words(x: torch.Tensor) -> torch.Tensor:
     """The same bytes as 8-byte elements when the rows allow it: the copy kernel then writes 8 bytes per element
     across NVLink instead of 2."""
-    if x.dtype.itemsize < 8 and x.stride(-1) == 1 and (x.shape[-1] * x.dtype.itemsize) % 8 == 0:
+    if x.dtype.itemsize < 8 and x.stride(-1) == 1 and (x.shape[-1] * x.dtype.itemsize) % 8 == 0 \
+            and (x.storage_offset() * x.dtype.itemsize) % 8 == 0:
         return x.view(torch.int64)
     return x
 
