@@ -1,5 +1,6 @@
 """fluxlab: the lab around the book's chapters (settings, model sources, measuring, records, tables, figures) and the
-book's own contributions (one First Block Cache decision for every rank, CUDA graphs beneath diffusers' hooks)."""
+book's own contributions (one First Block Cache decision for every rank, CUDA graphs beneath diffusers' hooks, FP8
+attention, Ulysses' exchanges as copies into the other GPUs' memory)."""
 import logging
 import os
 import warnings
@@ -17,7 +18,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 # recompiled instead of read from the on-disk cache, nothing else changes.
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
-from . import book, cache, compare, figures, graphs, ladder, parallel, profiling, quant, records, report, shapes  # noqa: E402
+from . import (book, cache, compare, figures, fp8_attention, graphs, ladder, parallel, peer_exchange,  # noqa: E402
+               profiling, quant, records, report, shapes)
 from .applied import applied, describe  # noqa: E402
 from .measuring import measure, step_costs, vae_decode_seconds  # noqa: E402
 from .optimize import check as check_options  # noqa: E402
@@ -27,5 +29,5 @@ from .settings import Limits, Settings  # noqa: E402
 from .settings import check as check_settings  # noqa: E402
 
 __all__ = ["Limits", "ModelUnavailable", "Settings", "applied", "book", "cache", "check_options", "check_settings", "compare",
-           "describe", "figures", "free_memory", "generate", "graphs", "ladder", "load_pipeline", "measure", "optimize",
-           "parallel", "profiling", "quant", "records", "report", "shapes", "step_costs", "vae_decode_seconds"]
+           "describe", "figures", "fp8_attention", "free_memory", "generate", "graphs", "ladder", "load_pipeline", "measure",
+           "optimize", "parallel", "peer_exchange", "profiling", "quant", "records", "report", "shapes", "step_costs", "vae_decode_seconds"]
