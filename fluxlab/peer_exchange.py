@@ -65,16 +65,16 @@ def _exchange(group: dist.ProcessGroup, pieces: dict[str, list[torch.Tensor]], s
             mine.append(views[rank])
         handle.barrier(channel=0, timeout_ms=TIMEOUT_S * 1000)
         return mine
+    peers = [j for j in range(world) if j != rank]
     for parts in pieces.values():
-        received = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in parts]
-        ops = [dist.P2POp(dist.isend, parts[j].contiguous(), group=group, group_peer=j) for j in range(world)
-               if j != rank] + [dist.P2POp(dist.irecv, received[j], group=group, group_peer=j) for j in range(world)
-                                if j != rank]
+        received = {j: torch.empty_like(parts[j], memory_format=torch.contiguous_format) for j in peers}
+        ops = [dist.P2POp(dist.isend, parts[j].contiguous(), group=group, group_peer=j) for j in peers]
+        ops += [dist.P2POp(dist.irecv, received[j], group=group, group_peer=j) for j in peers]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
         for j in range(world):
-            place(out, j).copy_(parts[j] if j == rank else received[j])
+            place(out, j).copy_(received.get(j, parts[j]))
         mine.append(out)
     return mine
 
@@ -94,8 +94,8 @@ def exchanged_attention(query, key, value, group: dist.ProcessGroup, attend):
     def heads(buffer, j):  # process j's head group
         return buffer[:, :, j * hw:(j + 1) * hw]
 
-    q, k, v = _exchange(group, {n: [heads(x, j) for j in range(world)] for n, x in zip("qkv", (query, key, value))},
-                        (b, world * s, hw, d), rows)
+    outgoing = {name: [heads(x, j) for j in range(world)] for name, x in zip("qkv", (query, key, value))}
+    q, k, v = _exchange(group, outgoing, (b, world * s, hw, d), rows)
     out = attend(q, k, v)
     return _exchange(group, {"o": [rows(out, j) for j in range(world)]}, (b, s, h, d), heads)[0]
 
