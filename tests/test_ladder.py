@@ -76,7 +76,7 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
         return dict(rec, name=name, label=name, processes=processes, optimizations=optimizations or {}, peak_mem_gb=5.0,
                     timing=dict(rec["timing"], median_s=seconds, times_s=[seconds]), extras=extras or {})
 
-    profile = dict(compute_s=2.0, exposed_communication_s=0.0, idle_s=0.1)
+    profile = dict(compute_s=2.0, exposed_communication_s=0.0, idle_s=0.1, kernel_s_by_kind={"FP8 GEMM": 1.0})
     cp = {"parallel": dict(ulysses=2, ring=1)}
     one = variant("one", 3.0, extras={"profile": [profile]})
     two = variant("two", 2.0, 2, cp, {"profile": [dict(profile, compute_s=1.2, exposed_communication_s=0.3,
@@ -89,8 +89,17 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     capped = variant("capped", 1.2, extras={"memory_cap_gb": 16, "peak_reserved_gb": 15.8})
     slow = variant("slow", 9.0, extras={"memory_cap_gb": 8})
     records.write(tmp_path / "bench-1gpu-memory.json", [fast, capped, slow])
+    trip = {"ms_median": 0.09, "peer_round_trip": {"ms_median": 0.3}}
+    peer = variant("two-peer", 1.8, 2, {"parallel": dict(ulysses=2, ring=1, exchange="peer")},
+                   {"profile": [dict(profile, compute_s=1.3, exposed_communication_s=0.02)] * 2, "all_to_all": trip})
+    records.write(tmp_path / "bench-2gpu-peer.json", [one, two, peer])
     runs = ladder.runs(tmp_path)
-    assert [r["path"] for r in runs] == ["bench-1gpu-memory.json", "bench-2gpu.json", "bench-2gpu-exchange.json"]
+    assert [r["path"] for r in runs] == ["bench-1gpu-memory.json", "bench-2gpu.json", "bench-2gpu-exchange.json",
+                                         "bench-2gpu-peer.json"]
+    # the peer route against the same run's NCCL configuration, from their profiles and the bare exchanges
+    assert ("`two` → `two-peer` (Ulysses' exchanges as copies into the other GPU's memory): 2.000 → 1.800 s per "
+            "image. Communication not overlapped (the barriers, now) went 0.300 → 0.020 s") in ladder.findings(runs)
+    assert "four NCCL all-to-alls took 360 us and its peer exchanges 300 us" in ladder.findings(runs)
     recs = runs[1]["records"]
     assert ladder.previous(recs, recs[1])["name"] == "one" and ladder.previous(recs, recs[2])["name"] == "two"
     verdict = ladder.memory_verdict(runs, {16: 1.3, 8: None, 4: None}).data
