@@ -57,6 +57,16 @@ def test_peer_exchange_matches_one_process(tmp_path, tiny, tiny_pipe, flags):
         assert ("attention" in out["applied"]) == ("fp8attn" in flags)
 
 
+@pytest.mark.parametrize("nproc", [3, 4])
+def test_peer_exchange_places_every_head_group_and_row(tmp_path, nproc):
+    """The peer exchanges alone, with more processes than the tiny model splits over: each process's rows of
+    attention over the whole sequence, whichever process computed each head group."""
+    result = torchrun(nproc, ROOT / "tests" / "exchange_worker.py", tmp_path / "out", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for out in _outputs(tmp_path / "out", nproc):
+        assert out["shape"] == (2, 6, 2 * nproc, 8) and out["error"] <= 1e-5
+
+
 def test_eight_processes_refuse_what_does_not_split(tmp_path):
     """The tiny pipeline has 6 attention heads: Ulysses over 8 processes cannot split them; the runner refuses
     before anything runs, naming splits that work (ring 8 and ulysses 2 x ring 4 pass the test above)."""
