@@ -35,8 +35,8 @@ def applied(pipe) -> dict:
     if config is not None and config.context_parallel_config is not None:
         cp = config.context_parallel_config
         done["parallel"] = dict(ulysses=cp.ulysses_degree, ring=cp.ring_degree)
-        if peer_exchange.exchanges(transformer):
-            done["parallel"]["exchange"] = peer_exchange.exchanges(transformer)
+        if exchange := peer_exchange.exchanges(transformer):
+            done["parallel"]["exchange"] = exchange
     capture = getattr(transformer, "_fluxlab_capture", None)
     if capture is not None:
         done["graphs"] = dict(cuda_graphs=capture.enabled, blocks_compiled=capture.compiled)

@@ -5,9 +5,11 @@ Each call scales q, k and v by one factor each into float8_e4m3. For v it is 448
 maximum, computed on the GPU. For q and k it is 448 over a bound known before any call: they leave an RMSNorm and
 the rotary embedding, and no element of RMSNorm(x) * w exceeds sqrt(head_dim) * max|w| (|x_i| / rms(x) <= sqrt(d)),
 which a rotation of pairs keeps; so no pass over q and k looks for their maximum, and their quantization joins the
-norm's kernel. FP8 is a floating-point format: values below the bound keep their relative precision. cuDNN multiplies q·kᵀ in FP8 with float32 accumulation, scales the softmax probabilities by 256 into
-FP8 for the product with v, and writes the output in FP8 (Hopper has no bf16 output for this kernel) on half of v's
-scale, since no output exceeds v's maximum; the processor turns it back into bf16. Why cuDNN: torch's
+norm's kernel. FP8 is a floating-point format: values below the bound keep their relative precision.
+
+cuDNN multiplies q·kᵀ in FP8 with float32 accumulation, scales the softmax probabilities by 256 into FP8 for the
+product with v, and writes the output in FP8 (Hopper has no bf16 output for this kernel) on half of v's scale, since
+no output exceeds v's maximum; the processor turns it back into bf16. Why cuDNN: torch's
 scaled_dot_product_attention has no FP8 path without FlashAttention-3, which has no wheel for this torch.
 """
 import functools
@@ -16,7 +18,6 @@ import math
 
 import torch
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention
-
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .flux_attention import SwappedAttnProcessor

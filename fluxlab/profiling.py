@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import parallel
+from .peer_exchange import exchanged_attention
 from .pipeline import generate
 
 # Kernel name patterns, tried in this order (inductor's fused kernels name the ops they fuse, e.g.
@@ -96,23 +97,30 @@ def profile_call(fn, device: torch.device) -> dict:
     return breakdown(kernels, wall)
 
 
+def _timed_ms(fn, device: torch.device, iters: int) -> list[float]:
+    """Milliseconds of `fn()` on this GPU, `iters` times after 5 untimed calls, every process starting each call
+    together (every process must call this)."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def all_to_all_seconds(numel: int, dtype: torch.dtype, device: torch.device, iters: int = 50) -> dict:
     """Bare `all_to_all_single` of one tensor of `numel` elements per process (every process must call this):
     median and minimum milliseconds per call over `iters` calls, and the rate each process sends at."""
     world = dist.get_world_size()
     x = torch.randn(numel, device=device).to(dtype)
     y = torch.empty_like(x)
-    for _ in range(5):
-        dist.all_to_all_single(y, x)
-    times = []
-    for _ in range(iters):
-        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dist.all_to_all_single(y, x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = _timed_ms(lambda: dist.all_to_all_single(y, x), device, iters)
     sent = numel * x.element_size() * (world - 1) / world
     median = statistics.median(times)
     return dict(bytes_per_process=numel * x.element_size(), ms_median=median, ms_min=min(times),
@@ -139,24 +147,13 @@ def peer_round_trip_seconds(tokens: int, heads: int, head_dim: int, dtype: torch
     """One attention layer's exchanges with `fluxlab.peer_exchange` (q, k and v out, the output back, no attention
     between) on (1, tokens / processes, heads, head_dim) tensors (every process must call this): median and
     minimum milliseconds, to set beside four bare all-to-alls."""
-    from .peer_exchange import exchanged_attention
     world = dist.get_world_size()
     q, k, v = (torch.randn(1, tokens // world, heads, head_dim, device=device).to(dtype) for _ in range(3))
 
     def trip():
         return exchanged_attention(q, k, v, dist.group.WORLD, lambda q_, k_, v_: q_)
 
-    for _ in range(5):
-        trip()
-    times = []
-    for _ in range(iters):
-        dist.barrier(device_ids=[device.index])
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        trip()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = _timed_ms(trip, device, iters)
     return dict(ms_median=statistics.median(times), ms_min=min(times))
 
 

@@ -147,6 +147,7 @@ class Pool:
         self.served = self.failed = self.restarts = 0
         self.healthy, self.error, self.procs = False, None, []
         self.shapes = {(self.base.height, self.base.width)}
+        self.last_image_s = self.last_png_s = None  # the last request's image and PNG seconds, on process 0
         self._start()
         # start_s: everything a one-shot job does before its first image; warmup_s: that first image alone.
         self.start_s = time.perf_counter() - started
