@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, peer_exchange, quant
+from . import cache, fp8_attention, gelu, peer_exchange, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -29,6 +29,8 @@ def applied(pipe) -> dict:
         backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
+    if gelu.used(transformer):
+        done["sigmoid_gelu"] = True
     if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
         done["fuse_qkv"] = True
     config = getattr(transformer, "_parallel_config", None)
@@ -96,6 +98,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append("graph path without CUDA graphs")
     if "attention" in done:
         parts.append(f"attention {done['attention'].strip('_')}")
+    if "sigmoid_gelu" in done:
+        parts.append("sigmoid GELU")
     if "fuse_qkv" in done:
         parts.append("fused QKV")
     if "channels_last_vae" in done:

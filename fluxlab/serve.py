@@ -62,6 +62,7 @@ class PoolConfig:
     attention: str | None = None
     offload: str | None = None
     exchange: str | None = None
+    sigmoid_gelu: bool = False
 
     def check(self):
         """The pool's base request (the source's defaults), after checking every field."""
@@ -75,7 +76,8 @@ class PoolConfig:
 
     def optimizations(self) -> dict:
         kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs,
-                      attention=self.attention, offload=self.offload, exchange=self.exchange)
+                      attention=self.attention, offload=self.offload, exchange=self.exchange,
+                      sigmoid_gelu=self.sigmoid_gelu)
         if self.nproc > 1:
             kwargs["parallel"] = parallel.degrees(self.nproc)
         return kwargs

@@ -99,7 +99,31 @@ def test_fused_qkv_and_inductor_flags_compute_the_same(tiny, tiny_pipe):
     assert (latents(tuned, tiny) - reference).abs().max().item() <= 1e-3
 
 
+def test_gelu_through_a_sigmoid_is_diffusers_tanh_gelu():
+    x = torch.linspace(-12, 12, 200_001)
+    reference = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (fluxlab.gelu.gelu_tanh(x) - reference).abs().max().item() <= 1e-6
+    # bf16: both compute in float32 and round once, so they differ by at most one bf16 step (2**-7 relative)
+    torch.testing.assert_close(fluxlab.gelu.gelu_tanh(x.bfloat16()),
+                               torch.nn.functional.gelu(x.bfloat16(), approximate="tanh"), rtol=2**-7, atol=1e-5)
+
+
+def test_sigmoid_gelu_reaches_every_mlp_and_computes_the_same(tiny, tiny_pipe):
+    reference = latents(tiny_pipe, tiny)
+    swapped = fluxlab.load_pipeline(tiny)
+    done = fluxlab.optimize(swapped, sigmoid_gelu=True)
+    assert done == {"sigmoid_gelu": True} and fluxlab.describe(done) == "sigmoid GELU"
+    transformer = swapped.transformer
+    assert all(isinstance(b.act_mlp, fluxlab.gelu.SigmoidGELU) for b in transformer.single_transformer_blocks)
+    assert all(ff.net[0].gelu is fluxlab.gelu.gelu_tanh
+               for b in transformer.transformer_blocks for ff in (b.ff, b.ff_context))
+    assert (latents(swapped, tiny) - reference).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="sigmoid_gelu was already applied"):
+        fluxlab.optimize(swapped, sigmoid_gelu=True)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(sigmoid_gelu="yes"), "sigmoid_gelu='yes': must be True or False"),
     (dict(inductor_flags=True), "inductor_flags and overlap are torch.compile settings"),
     (dict(compile="regional", overlap=True), "overlap moves compute around context parallelism"),
     (dict(compile="regional", graphs=True, offload="model"), "moves weights between the CPU and a GPU")])
