@@ -280,6 +280,15 @@ def test_streaming_weights_lowers_the_gpu_memory_the_server_asks_for():
     assert gpu_need_gb(PoolConfig(fp8="rowwise", offload="group")) == gpu_need_gb(PoolConfig(offload="sequential")) == 8
 
 
+def test_what_a_pool_config_asks_for_is_what_its_workers_apply():
+    config = PoolConfig("tiny", "cpu", sigmoid_gelu=True, compile="regional")
+    settings = config.check()
+    pipe = fluxlab.load_pipeline(settings)
+    fluxlab.optimize(pipe, **config.optimizations())  # what each worker does after loading
+    done = fluxlab.applied(pipe)
+    assert done["sigmoid_gelu"] is True and done["compile"] == dict(scope="regional")
+
+
 def test_a_taken_port_is_refused_before_any_process_starts():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
