@@ -28,6 +28,7 @@ from .pipeline import ModelUnavailable, free_memory, generate, load_pipeline  # 
 from .settings import Limits, Settings  # noqa: E402
 from .settings import check as check_settings  # noqa: E402
 
-__all__ = ["Limits", "ModelUnavailable", "Settings", "applied", "book", "cache", "check_options", "check_settings", "compare",
-           "describe", "figures", "fp8_attention", "free_memory", "gelu", "generate", "graphs", "ladder", "load_pipeline", "measure",
-           "optimize", "parallel", "peer_exchange", "profiling", "quant", "records", "report", "shapes", "step_costs", "vae_decode_seconds"]
+__all__ = ["Limits", "ModelUnavailable", "Settings", "applied", "book", "cache", "check_options", "check_settings",
+           "compare", "describe", "figures", "fp8_attention", "free_memory", "gelu", "generate", "graphs", "ladder",
+           "load_pipeline", "measure", "optimize", "parallel", "peer_exchange", "profiling", "quant", "records",
+           "report", "shapes", "step_costs", "vae_decode_seconds"]

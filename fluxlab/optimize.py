@@ -34,7 +34,8 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
-          inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None, sigmoid_gelu=False) -> None:
+          inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None,
+          sigmoid_gelu=False) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
     backends = [b.value for b in AttentionBackendName]
     if attention is not None and attention != fp8_attention.NAME and attention not in backends:
@@ -86,33 +87,34 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
                              "torch.compile cannot trace: use compile=None.")
 
 
-def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None,
-             exchange: str | None = None, graphs: bool = False, cache: float | None = None, fp8: str | None = None,
-             compile: str | None = None, compile_mode: str | None = None, inductor_flags: bool = False,
-             overlap: bool = False, channels_last_vae: bool = False, vae_tiling: bool = False,
-             offload: str | None = None) -> dict:
+def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, fuse_qkv: bool = False,
+             parallel: tuple[int, int] | None = None, exchange: str | None = None, graphs: bool = False,
+             cache: float | None = None, fp8: str | None = None, compile: str | None = None,
+             compile_mode: str | None = None, inductor_flags: bool = False, overlap: bool = False,
+             channels_last_vae: bool = False, vae_tiling: bool = False, offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn', or 'cudnn_fp8': FP8
     attention on Hopper, `fluxlab.fp8_attention`), the tanh-GELU as x * sigmoid(2z) (`fluxlab.gelu`: a cheaper
-    kernel once compiled), fused QKV projections,
-    context parallelism (ulysses, ring; with exchange='peer', Ulysses' all-to-alls become copies into the other
-    GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the blocks (fluxlab.graphs), First Block Cache (threshold), FP8
-    ('rowwise'/'tensorwise'), torch.compile ('regional': the repeated blocks, 'full': the whole transformer; with
-    `inductor_flags`, flux-fast's inductor settings; with `overlap`, compute reordered around collectives),
-    a channels-last VAE, a tiled VAE decode, and CPU offload ('model': each component moves to the GPU when it
-    runs; 'sequential': each layer does, the smallest footprint and the slowest; 'encoders': the text encoders'
-    layers stream in from pinned host memory as they run, the next one copied on a side stream, while the transformer
-    and VAE stay on the GPU; 'group': every component's layers stream in so). Each at most once per pipeline.
+    kernel once compiled), fused QKV projections, context parallelism (ulysses, ring; with exchange='peer',
+    Ulysses' all-to-alls become copies into the other GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the
+    blocks (fluxlab.graphs), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), torch.compile
+    ('regional': the repeated blocks, 'full': the whole transformer; with `inductor_flags`, flux-fast's inductor
+    settings; with `overlap`, compute reordered around collectives), a channels-last VAE, a tiled VAE decode, and
+    CPU offload ('model': each component moves to the GPU when it runs; 'sequential': each layer does, the smallest
+    footprint and the slowest; 'encoders': the text encoders' layers stream in from pinned host memory as they run,
+    the next one copied on a side stream, while the transformer and VAE stay on the GPU; 'group': every component's
+    layers stream in so). Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
           parallel, attention, exchange, sigmoid_gelu)
     done = applied(pipe)
-    asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
-                 cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
-                 vae_tiling=vae_tiling or None, offload=offload)
+    asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, fuse_qkv=fuse_qkv or None,
+                 parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8, compile=compile,
+                 channels_last_vae=channels_last_vae or None, vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
-    if "compile" in done and any(v is not None for v in (parallel, cache, fp8, graphs or None, sigmoid_gelu or None)):
+    if "compile" in done and any(v is not None
+                                 for v in (parallel, cache, fp8, graphs or None, sigmoid_gelu or None)):
         raise ValueError("the transformer is already compiled: apply parallel, graphs, cache, fp8 and sigmoid_gelu "
                          "before compile.")
     if graphs and "cache" in done:
