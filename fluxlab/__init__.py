@@ -18,8 +18,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 # recompiled instead of read from the on-disk cache, nothing else changes.
 warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
 
-from . import (book, cache, compare, figures, fp8_attention, gelu, graphs, ladder, parallel, peer_exchange,  # noqa: E402
-               profiling, quant, records, report, shapes)
+from . import (book, cache, compare, figures, fp8_attention, gelu, graphs, ladder, mlp_fp8,  # noqa: E402
+               parallel, peer_exchange, profiling, quant, records, report, shapes)
 from .applied import applied, describe  # noqa: E402
 from .measuring import measure, step_costs, vae_decode_seconds  # noqa: E402
 from .optimize import check as check_options  # noqa: E402
@@ -30,5 +30,5 @@ from .settings import check as check_settings  # noqa: E402
 
 __all__ = ["Limits", "ModelUnavailable", "Settings", "applied", "book", "cache", "check_options", "check_settings",
            "compare", "describe", "figures", "fp8_attention", "free_memory", "gelu", "generate", "graphs", "ladder",
-           "load_pipeline", "measure", "optimize", "parallel", "peer_exchange", "profiling", "quant", "records",
-           "report", "shapes", "step_costs", "vae_decode_seconds"]
+           "load_pipeline", "measure", "mlp_fp8", "optimize", "parallel", "peer_exchange", "profiling", "quant",
+           "records", "report", "shapes", "step_costs", "vae_decode_seconds"]

@@ -228,6 +228,9 @@ def main(argv=None) -> None:
                         help="peer: Ulysses' exchanges as copies into the other GPUs' memory (fluxlab.peer_exchange)")
     parser.add_argument("--sigmoid-gelu", action="store_true",
                         help="the tanh-GELU as x * sigmoid(2z), a cheaper compiled kernel (fluxlab.gelu)")
+    parser.add_argument("--gelu-fp8", action="store_true",
+                        help="with --fp8 rowwise: GELU and the MLP outputs' FP8 quantization in one pass "
+                             "(fluxlab.mlp_fp8)")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
@@ -241,7 +244,8 @@ def main(argv=None) -> None:
                         max_side=check_int("max_side", args.max_side, 16, 16_384),
                         max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
         config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
-                            args.graphs, args.attention, args.offload, args.exchange, args.sigmoid_gelu)
+                            args.graphs, args.attention, args.offload, args.exchange, args.sigmoid_gelu,
+                            args.gelu_fp8)
         check_device(config, config.check())
         sock = bind(args.host, args.port)
     except ValueError as err:

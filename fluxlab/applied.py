@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, gelu, peer_exchange, quant
+from . import cache, fp8_attention, gelu, mlp_fp8, peer_exchange, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -31,6 +31,8 @@ def applied(pipe) -> dict:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
     if gelu.used(transformer):
         done["sigmoid_gelu"] = True
+    if mlp_fp8.used(transformer):
+        done["gelu_fp8"] = True
     if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
         done["fuse_qkv"] = True
     config = getattr(transformer, "_parallel_config", None)
@@ -100,6 +102,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(f"attention {done['attention'].strip('_')}")
     if "sigmoid_gelu" in done:
         parts.append("sigmoid GELU")
+    if "gelu_fp8" in done:
+        parts.append("GELU + FP8 in one pass")
     if "fuse_qkv" in done:
         parts.append("fused QKV")
     if "channels_last_vae" in done:

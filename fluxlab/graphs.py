@@ -93,7 +93,7 @@ def repeated_blocks(transformer) -> list[torch.nn.Module]:
 
 
 def capture_blocks(transformer, compile: bool = True, options: dict | None = None) -> Capture:
-    """Compile each repeated block (one compiled function per block class, like `compile_repeated_blocks`, with
+    """Compile each repeated block (one compiled function per block forward, like `compile_repeated_blocks`, with
     torch.compile's `options`) and replay it from a CUDA graph. Apply before `enable_cache` so that the cache's
     hooks wrap the graphs. On a device without CUDA the blocks run compiled, without graphs, and this says so."""
     blocks = repeated_blocks(transformer)
@@ -105,9 +105,9 @@ def capture_blocks(transformer, compile: bool = True, options: dict | None = Non
               f"{'compiled ' if compile else ''}without graphs.")
     forwards = {}
     for block in blocks:
-        cls = type(block)
-        if cls not in forwards:
-            forwards[cls] = torch.compile(cls.forward, fullgraph=True, options=options) if compile else cls.forward
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockGraph(forwards[cls], capture), HOOK)
+        run = block.forward.__func__  # the class's forward, or the one `fluxlab.mlp_fp8.use` gave the block
+        if run not in forwards:
+            forwards[run] = torch.compile(run, fullgraph=True, options=options) if compile else run
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockGraph(forwards[run], capture), HOOK)
     transformer._fluxlab_capture = capture  # what `fluxlab.applied` reads
     return capture
