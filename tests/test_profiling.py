@@ -26,6 +26,7 @@ def test_breakdown_separates_compute_exposed_communication_and_idle():
 
 @pytest.mark.parametrize("name, kind", [
     ("triton_red_fused__scaled_mm_abs_amax_0", "fused elementwise / quantization (triton)"),
+    ("_gelu_join_fp8", "fused elementwise / quantization (triton)"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
     ("nvjet_sm90_qqtst_128x128", "FP8 GEMM"), ("ncclDevKernel_SendRecv", "communication"),
     ("sm90_xmma_gemm_bf16", "GEMM (bf16)"), ("void at::native::elementwise_kernel", "other"),
