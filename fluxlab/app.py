@@ -231,6 +231,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gelu-fp8", action="store_true",
                         help="with --fp8 rowwise: GELU and the MLP outputs' FP8 quantization in one pass "
                              "(fluxlab.mlp_fp8)")
+    parser.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder")
     parser.add_argument("--host", default="127.0.0.1", help="loopback by default")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-steps", type=int, default=SERVER_LIMITS.max_steps)
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
                         max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
         config = PoolConfig(args.model_source, args.device, args.nproc, args.cache, args.fp8, args.compile,
                             args.graphs, args.attention, args.offload, args.exchange, args.sigmoid_gelu,
-                            args.gelu_fp8)
+                            args.gelu_fp8, args.compile_vae)
         check_device(config, config.check())
         sock = bind(args.host, args.port)
     except ValueError as err:

@@ -20,7 +20,8 @@ def _compile_scope(pipe) -> str | None:
 
 def applied(pipe) -> dict:
     """The optimizations present on `pipe`, by name: attention backend, fused QKV, context parallel, CUDA graphs,
-    First Block Cache, FP8, torch.compile and a channels-last VAE. Absent ones are left out."""
+    First Block Cache, FP8, torch.compile, a channels-last, compiled or tiled VAE, offload. Absent ones are left
+    out."""
     transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
     done = {}
     processors = transformer.attn_processors.values()
@@ -58,6 +59,8 @@ def applied(pipe) -> dict:
         options = getattr(transformer, "_fluxlab_compile_options", None)
         if options:
             done["compile"]["options"] = options
+    if getattr(pipe.vae.decoder, "_compiled_call_impl", None) is not None:
+        done["compile_vae"] = True
     if getattr(pipe.vae, "use_tiling", False):
         done["vae_tiling"] = True
     hooks = [getattr(m, "_hf_hook", None) for m in (pipe.transformer, pipe.vae)]
@@ -108,6 +111,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append("fused QKV")
     if "channels_last_vae" in done:
         parts.append("channels-last VAE")
+    if "compile_vae" in done:
+        parts.append("compiled VAE")
     if "vae_tiling" in done:
         parts.append("tiled VAE")
     if "offload" in done:

@@ -36,7 +36,7 @@ def compile_options(mode: str | None = None, inductor_flags: bool = False, overl
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
           inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None,
-          sigmoid_gelu=False, gelu_fp8=False) -> None:
+          sigmoid_gelu=False, gelu_fp8=False, compile_vae=False) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
     backends = [b.value for b in AttentionBackendName]
     if attention is not None and attention != fp8_attention.NAME and attention not in backends:
@@ -65,7 +65,8 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         quant.check_granularity(fp8)
     if compile is not None and compile not in COMPILE_SCOPES:
         raise ValueError(f"compile={compile!r}: allowed values are {COMPILE_SCOPES} (or None).")
-    for name, flag in (("graphs", graphs), ("sigmoid_gelu", sigmoid_gelu), ("gelu_fp8", gelu_fp8)):
+    for name, flag in (("graphs", graphs), ("sigmoid_gelu", sigmoid_gelu), ("gelu_fp8", gelu_fp8),
+                       ("compile_vae", compile_vae)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}={flag!r}: must be True or False.")
     if gelu_fp8:
@@ -90,17 +91,17 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         if graphs and offload != "encoders":
             raise ValueError("offload moves the weights that CUDA graphs replay from fixed addresses: use one or "
                              "the other (offload='encoders' leaves the transformer in place).")
-        if offload in ("sequential", "group") and compile is not None:
+        if offload in ("sequential", "group") and (compile is not None or compile_vae):
             raise ValueError(f"offload={offload!r} streams each layer's weights in as it runs, from hooks that "
-                             "torch.compile cannot trace: use compile=None.")
+                             "torch.compile cannot trace: use compile=None and compile_vae=False.")
 
 
 def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, gelu_fp8: bool = False,
-             fuse_qkv: bool = False,
-             parallel: tuple[int, int] | None = None, exchange: str | None = None, graphs: bool = False,
-             cache: float | None = None, fp8: str | None = None, compile: str | None = None,
+             fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
+             graphs: bool = False, cache: float | None = None, fp8: str | None = None, compile: str | None = None,
              compile_mode: str | None = None, inductor_flags: bool = False, overlap: bool = False,
-             channels_last_vae: bool = False, vae_tiling: bool = False, offload: str | None = None) -> dict:
+             channels_last_vae: bool = False, compile_vae: bool = False, vae_tiling: bool = False,
+             offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn', or 'cudnn_fp8': FP8
     attention on Hopper, `fluxlab.fp8_attention`), the tanh-GELU as x * sigmoid(2z) (`fluxlab.gelu`: a cheaper
     kernel once compiled), GELU and the FP8 quantization of the MLP outputs in one pass (`fluxlab.mlp_fp8`, with
@@ -108,19 +109,21 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
     Ulysses' all-to-alls become copies into the other GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the
     blocks (fluxlab.graphs), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), torch.compile
     ('regional': the repeated blocks, 'full': the whole transformer; with `inductor_flags`, flux-fast's inductor
-    settings; with `overlap`, compute reordered around collectives), a channels-last VAE, a tiled VAE decode, and
-    CPU offload ('model': each component moves to the GPU when it runs; 'sequential': each layer does, the smallest
-    footprint and the slowest; 'encoders': the text encoders' layers stream in from pinned host memory as they run,
-    the next one copied on a side stream, while the transformer and VAE stay on the GPU; 'group': every component's
-    layers stream in so). Each at most once per pipeline.
+    settings; with `overlap`, compute reordered around collectives), a channels-last VAE, a compiled VAE decoder
+    (inductor fuses its group norms with their activations), a tiled VAE decode, and CPU offload ('model': each
+    component moves to the GPU when it runs; 'sequential': each layer does, the smallest footprint and the slowest;
+    'encoders': the text encoders' layers stream in from pinned host memory as they run, the next one copied on a
+    side stream, while the transformer and VAE stay on the GPU; 'group': every component's layers stream in so).
+    Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
-          parallel, attention, exchange, sigmoid_gelu, gelu_fp8)
+          parallel, attention, exchange, sigmoid_gelu, gelu_fp8, compile_vae)
     done = applied(pipe)
     asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, gelu_fp8=gelu_fp8 or None,
                  fuse_qkv=fuse_qkv or None,
                  parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8, compile=compile,
-                 channels_last_vae=channels_last_vae or None, vae_tiling=vae_tiling or None, offload=offload)
+                 channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
+                 vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
@@ -164,6 +167,8 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
         transformer.compile(fullgraph=fullgraph, options=options)
     if channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
+    if compile_vae:
+        pipe.vae.decoder.compile(fullgraph=True)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if offload == "model":

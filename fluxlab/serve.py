@@ -64,6 +64,7 @@ class PoolConfig:
     exchange: str | None = None
     sigmoid_gelu: bool = False
     gelu_fp8: bool = False
+    compile_vae: bool = False
 
     def check(self):
         """The pool's base request (the source's defaults), after checking every field."""
@@ -78,7 +79,7 @@ class PoolConfig:
     def optimizations(self) -> dict:
         kwargs = dict(cache=self.cache, fp8=self.fp8, compile=self.compile, graphs=self.graphs,
                       attention=self.attention, offload=self.offload, exchange=self.exchange,
-                      sigmoid_gelu=self.sigmoid_gelu, gelu_fp8=self.gelu_fp8)
+                      sigmoid_gelu=self.sigmoid_gelu, gelu_fp8=self.gelu_fp8, compile_vae=self.compile_vae)
         if self.nproc > 1:
             kwargs["parallel"] = parallel.degrees(self.nproc)
         return kwargs

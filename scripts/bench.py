@@ -30,7 +30,7 @@ from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
 CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
-           "exchange", "sigmoid_gelu", "gelu_fp8")
+           "exchange", "sigmoid_gelu", "gelu_fp8", "compile_vae")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -46,6 +46,8 @@ LADDER = {
     "fp8-attnfp8-gelu-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, graphs=True)),
     "fp8-attnfp8-gelufp8-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
                                            graphs=True)),
+    "fp8-attnfp8-gelufp8-vae-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
+                                               compile_vae=True, graphs=True)),
     "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
@@ -72,6 +74,8 @@ LADDER = {
     "cp-fp8-peer-graphs": (ALL, dict(FP8, exchange="peer", graphs=True)),
     "cp-fp8-gelu-peer-graphs": (ALL, dict(FP8, sigmoid_gelu=True, exchange="peer", graphs=True)),
     "cp-fp8-gelufp8-peer-graphs": (ALL, dict(FP8, sigmoid_gelu=True, gelu_fp8=True, exchange="peer", graphs=True)),
+    "cp-fp8-gelufp8-vae-peer-graphs": (ALL, dict(FP8, sigmoid_gelu=True, gelu_fp8=True, compile_vae=True,
+                                                 exchange="peer", graphs=True)),
     "cp-fp8-attnfp8-peer-graphs": (ALL, dict(FP8, attention="cudnn_fp8", exchange="peer", graphs=True)),
     "cp-fp8-overlap-graphs": (ALL, dict(FP8, overlap=True, graphs=True)),
     "cp-ring-fp8-graphs": (ALL, dict(FP8, graphs=True, ring=True)),

@@ -45,6 +45,17 @@ def test_channels_last_vae_decodes_the_same_image(tiny, tiny_pipe):
     assert np.abs(np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16) - reference).max() <= 1
 
 
+def test_compiled_vae_decodes_the_same_image(tiny, tiny_pipe):
+    reference = np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16)
+    done = fluxlab.optimize(tiny_pipe, compile_vae=True)
+    assert done == {"compile_vae": True} and fluxlab.describe(done) == "compiled VAE"
+    assert np.abs(np.asarray(fluxlab.generate(tiny_pipe, tiny), dtype=np.int16) - reference).max() <= 1
+    with pytest.raises(ValueError, match="compile_vae was already applied"):
+        fluxlab.optimize(tiny_pipe, compile_vae=True)
+    with pytest.raises(ValueError, match="hooks that torch.compile cannot trace"):  # as a GPU would be asked
+        fluxlab.check_options(compile_vae=True, offload="group")
+
+
 def test_tiled_vae_decodes_the_same_picture(tiny, tiny_pipe):
     reference = fluxlab.generate(tiny_pipe, tiny)
     done = fluxlab.optimize(tiny_pipe, vae_tiling=True)

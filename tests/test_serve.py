@@ -281,12 +281,12 @@ def test_streaming_weights_lowers_the_gpu_memory_the_server_asks_for():
 
 
 def test_what_a_pool_config_asks_for_is_what_its_workers_apply():
-    config = PoolConfig("tiny", "cpu", sigmoid_gelu=True, compile="regional")
+    config = PoolConfig("tiny", "cpu", sigmoid_gelu=True, compile="regional", compile_vae=True)
     settings = config.check()
     pipe = fluxlab.load_pipeline(settings)
     fluxlab.optimize(pipe, **config.optimizations())  # what each worker does after loading
     done = fluxlab.applied(pipe)
-    assert done["sigmoid_gelu"] is True and done["compile"] == dict(scope="regional")
+    assert done["sigmoid_gelu"] is True and done["compile"] == dict(scope="regional") and done["compile_vae"] is True
 
 
 def test_a_taken_port_is_refused_before_any_process_starts():
