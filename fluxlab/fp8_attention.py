@@ -21,9 +21,9 @@ from diffusers.models.attention_dispatch import _templated_context_parallel_atte
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from .flux_attention import SwappedAttnProcessor
+from .quant import E4M3_MAX
 
 NAME = "cudnn_fp8"  # fluxlab.optimize(pipe, attention=NAME)
-E4M3_MAX = 448.0  # largest float8_e4m3fn value
 P_SCALE = 256.0  # softmax probabilities are at most 1: scaled by this into FP8
 
 

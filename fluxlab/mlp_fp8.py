@@ -16,12 +16,10 @@ import torch
 from diffusers.models.activations import GELU
 
 from .gelu import gelu_tanh
-from .quant import fp8_tensor_cores
+from .quant import E4M3_MAX, fp8_tensor_cores
 
 if torch.cuda.is_available():  # torch's CUDA wheels bring Triton, its CPU wheels do not
     from . import mlp_fp8_triton  # noqa: F401  (registers torch.ops.fluxlab.gelu_join_fp8)
-
-E4M3_MAX = 448.0
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -96,7 +94,7 @@ def use(transformer) -> None:
         block.forward = types.MethodType(single_block_forward, block)
     for block in transformer.transformer_blocks:
         for ff in (block.ff, block.ff_context):
-            act, dropout, out = ff.net
+            act, dropout, _ = ff.net
             if not (isinstance(act, GELU) and act.approximate == "tanh" and isinstance(dropout, torch.nn.Dropout)):
                 raise ValueError(f"gelu_fp8 expects FLUX's feed-forward (tanh-GELU, dropout, linear), not {ff.net}.")
             ff.forward = types.MethodType(feed_forward, ff)

@@ -5,8 +5,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .gelu import TWO_SQRT_2_OVER_PI
-
-E4M3_MAX = 448.0
+from .quant import E4M3_MAX
 
 
 @triton.jit

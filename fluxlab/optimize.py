@@ -120,9 +120,8 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
           parallel, attention, exchange, sigmoid_gelu, gelu_fp8, compile_vae)
     done = applied(pipe)
     asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, gelu_fp8=gelu_fp8 or None,
-                 fuse_qkv=fuse_qkv or None,
-                 parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8, compile=compile,
-                 channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
+                 fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8,
+                 compile=compile, channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
                  vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
         if value is not None and name in done:

@@ -12,6 +12,7 @@ from torchao.quantization import (
 )
 
 GRANULARITIES = {"rowwise": PerRow, "tensorwise": PerTensor}
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest float8_e4m3fn value
 
 
 def fp8_tensor_cores(device: torch.device) -> bool:
