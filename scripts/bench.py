@@ -30,7 +30,7 @@ from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
 CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
-           "exchange", "sigmoid_gelu", "gelu_fp8", "compile_vae")
+           "exchange", "sigmoid_gelu", "gelu_fp8", "compile_vae", "compile_mode")
 FP8 = dict(fp8="rowwise", compile="regional")
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
 LADDER = {
@@ -48,6 +48,11 @@ LADDER = {
                                            graphs=True)),
     "fp8-attnfp8-gelufp8-vae-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
                                                compile_vae=True, graphs=True)),
+    "fp8-attnfp8-gelufp8-flags-vae-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
+                                                     inductor_flags=True, compile_vae=True, graphs=True)),
+    # inductor's max-autotune: Triton GEMM templates compete with cuBLAS for each FP8 product (long cold start)
+    "fp8-attnfp8-gelufp8-autotune-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
+                                                    compile_mode="max-autotune-no-cudagraphs", graphs=True)),
     "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
