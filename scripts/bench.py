@@ -50,9 +50,6 @@ LADDER = {
                                                compile_vae=True, graphs=True)),
     "fp8-attnfp8-gelufp8-flags-vae-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
                                                      inductor_flags=True, compile_vae=True, graphs=True)),
-    # inductor's max-autotune: Triton GEMM templates compete with cuBLAS for each FP8 product (long cold start)
-    "fp8-attnfp8-gelufp8-autotune-graphs": (1, dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True,
-                                                    compile_mode="max-autotune-no-cudagraphs", graphs=True)),
     "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
