@@ -321,8 +321,10 @@ def status_page(records: list[dict], chapters: list[dict], title: str, bench: li
 
 
 def source_code(*objects) -> Markdown:
-    """The source of fluxlab's own pieces, shown in a chapter that introduces them."""
-    return Markdown("\n".join(f"```python\n{inspect.getsource(o)}```" for o in objects))
+    """The source of fluxlab's own pieces, shown in a chapter that introduces them; a file's path stands for its
+    whole text (a module that cannot be imported here, e.g. a Triton kernel where there is no CUDA)."""
+    return Markdown("\n".join(f"```python\n{o.read_text() if isinstance(o, Path) else inspect.getsource(o)}```"
+                              for o in objects))
 
 
 def where_time_goes(recs: list[dict]) -> None:

@@ -87,3 +87,11 @@ def test_step_cost_table_and_skip_plot(tmp_path, tiny, tiny_pipe):
     assert report.skip_cost([cached]) == f"{share:.1%}" and f"| {share:.1%} |" in table
     fig = report.plot_skips([base, cached])
     assert "per skip" in fig.axes[0].get_legend().get_texts()[1].get_text()
+
+
+def test_source_code_shows_objects_and_whole_files(tmp_path):
+    kernel = tmp_path / "kernel.py"
+    kernel.write_text("@triton.jit\ndef k(x):\n    pass\n")  # a file that cannot be imported without CUDA
+    shown = report.source_code(report.speedup_text, kernel).data
+    assert shown.count("```python\n") == 2
+    assert "def speedup_text(" in shown and "@triton.jit\ndef k(x):\n    pass\n```" in shown
