@@ -93,9 +93,13 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append(f"FP8 DQ {fp8['granularity']}" if fp8["dynamic_activation"] else "FP8 weight-only")
     if "compile" in done:
         options = done["compile"].get("options") or {}
-        extra = "".join(f", {name}" for key, name in (("coordinate_descent_tuning", "inductor flags"),
-                                                      ("reorder_for_compute_comm_overlap", "comm. overlap"))
-                        if options.get(key))
+        flags = [name for name, on in (("conv_1x1_as_mm", options.get("conv_1x1_as_mm")),
+                                       ("no epilogue fusion", options.get("epilogue_fusion") is False),
+                                       ("coordinate descent", options.get("coordinate_descent_tuning"))) if on]
+        if len(flags) == 3:  # flux-fast's inductor settings, all of them
+            flags = ["inductor flags"]
+        extra = "".join(f", {name}" for name in flags
+                        + ["comm. overlap"] * bool(options.get("reorder_for_compute_comm_overlap")))
         parts.append(f"compile ({done['compile']['scope']}{extra})")
     if done.get("graphs", {}).get("cuda_graphs"):
         parts.append("CUDA graphs")

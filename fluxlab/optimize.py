@@ -17,18 +17,21 @@ from .settings import check_threshold
 COMPILE_SCOPES = ("regional", "full")
 OFFLOADS = ("model", "sequential", "encoders", "group")
 EXCHANGES = ("peer",)
-# flux-fast's inductor settings for FLUX (pytorch-labs/flux-fast): 1x1 convolutions as matrix products, no epilogue
-# fusion into matmul templates, coordinate-descent tuning of the generated kernels' block sizes.
-INDUCTOR_FLAGS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
-                  "coordinate_descent_check_all_directions": True}
+# flux-fast's inductor settings for FLUX (pytorch-labs/flux-fast), by name: 1x1 convolutions as matrix products, no
+# epilogue fusion into matmul templates, coordinate-descent tuning of the generated kernels' block sizes.
+INDUCTOR_FLAG_SETS = {"conv_1x1_as_mm": {"conv_1x1_as_mm": True}, "epilogue_fusion": {"epilogue_fusion": False},
+                      "coordinate_descent_tuning": {"coordinate_descent_tuning": True,
+                                                    "coordinate_descent_check_all_directions": True}}
+INDUCTOR_FLAGS = {k: v for flags in INDUCTOR_FLAG_SETS.values() for k, v in flags.items()}  # all of them
 
 
-def compile_options(mode: str | None = None, inductor_flags: bool = False, overlap: bool = False) -> dict | None:
+def compile_options(mode: str | None = None, inductor_flags: bool | str = False, overlap: bool = False) -> dict | None:
     """torch.compile's `options` for a mode plus the flags asked for (torch.compile takes a mode or options, not
-    both), or None for the defaults. `overlap`: inductor moves compute between a collective's start and its wait."""
+    both), or None for the defaults. `inductor_flags`: True for all of flux-fast's, or one name of
+    `INDUCTOR_FLAG_SETS`. `overlap`: inductor moves compute between a collective's start and its wait."""
     options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     if inductor_flags:
-        options |= INDUCTOR_FLAGS
+        options |= INDUCTOR_FLAGS if inductor_flags is True else INDUCTOR_FLAG_SETS[inductor_flags]
     if overlap:
         options["reorder_for_compute_comm_overlap"] = True
     return options or None
@@ -78,6 +81,9 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
             raise ValueError(reason)
     if graphs and compile == "full":
         raise ValueError("graphs=True captures each block (compiled regionally): use compile='regional' or None.")
+    if not isinstance(inductor_flags, bool) and inductor_flags not in INDUCTOR_FLAG_SETS:
+        raise ValueError(f"inductor_flags={inductor_flags!r}: True (all of flux-fast's), False, or one of "
+                         f"{tuple(INDUCTOR_FLAG_SETS)}.")
     if (inductor_flags or overlap) and compile is None:
         raise ValueError("inductor_flags and overlap are torch.compile settings: use them with compile=...")
     if overlap and parallel is None:
@@ -99,7 +105,7 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
 def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, gelu_fp8: bool = False,
              fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
              graphs: bool = False, cache: float | None = None, fp8: str | None = None, compile: str | None = None,
-             compile_mode: str | None = None, inductor_flags: bool = False, overlap: bool = False,
+             compile_mode: str | None = None, inductor_flags: bool | str = False, overlap: bool = False,
              channels_last_vae: bool = False, compile_vae: bool = False, vae_tiling: bool = False,
              offload: str | None = None) -> dict:
     """Apply, in this order: an attention backend (diffusers' names, e.g. '_native_cudnn', or 'cudnn_fp8': FP8
@@ -107,13 +113,14 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
     kernel once compiled), GELU and the FP8 quantization of the MLP outputs in one pass (`fluxlab.mlp_fp8`, with
     fp8='rowwise' on an FP8 GPU), fused QKV projections, context parallelism (ulysses, ring; with exchange='peer',
     Ulysses' all-to-alls become copies into the other GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the
-    blocks (fluxlab.graphs), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), torch.compile
-    ('regional': the repeated blocks, 'full': the whole transformer; with `inductor_flags`, flux-fast's inductor
-    settings; with `overlap`, compute reordered around collectives), a channels-last VAE, a compiled VAE decoder
-    (inductor fuses its group norms with their activations), a tiled VAE decode, and CPU offload ('model': each
-    component moves to the GPU when it runs; 'sequential': each layer does, the smallest footprint and the slowest;
-    'encoders': the text encoders' layers stream in from pinned host memory as they run, the next one copied on a
-    side stream, while the transformer and VAE stay on the GPU; 'group': every component's layers stream in so).
+    blocks (fluxlab.graphs), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), torch.compile ('regional':
+    the repeated blocks, 'full': the whole transformer; with `inductor_flags`, flux-fast's inductor settings, or one
+    of them by name; with `overlap`, compute reordered around collectives), a channels-last VAE, a compiled VAE
+    decoder (inductor fuses its group norms with their activations), a tiled VAE decode, and CPU offload ('model':
+    each component moves to the GPU when it runs; 'sequential': each layer does, the smallest footprint and the
+    slowest; 'encoders': the text encoders' layers stream in from pinned host memory as they run, the next one
+    copied on a side stream, while the transformer and VAE stay on the GPU; 'group': every component's layers stream
+    in so).
     Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,

@@ -48,6 +48,13 @@ LADDER = {
     "fp8-attnfp8-gelufp8-graphs": (1, dict(ONE_PASS, graphs=True)),
     "fp8-attnfp8-gelufp8-vae-graphs": (1, dict(ONE_PASS, compile_vae=True, graphs=True)),
     "fp8-attnfp8-gelufp8-flags-vae-graphs": (1, dict(ONE_PASS, inductor_flags=True, compile_vae=True, graphs=True)),
+    # flux-fast's inductor flags one at a time, on the same rung
+    "fp8-attnfp8-gelufp8-conv1x1-vae-graphs": (1, dict(ONE_PASS, inductor_flags="conv_1x1_as_mm", compile_vae=True,
+                                                      graphs=True)),
+    "fp8-attnfp8-gelufp8-noepilogue-vae-graphs": (1, dict(ONE_PASS, inductor_flags="epilogue_fusion",
+                                                         compile_vae=True, graphs=True)),
+    "fp8-attnfp8-gelufp8-cdt-vae-graphs": (1, dict(ONE_PASS, inductor_flags="coordinate_descent_tuning",
+                                                  compile_vae=True, graphs=True)),
     "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),

@@ -7,7 +7,7 @@ from diffusers import FirstBlockCacheConfig
 import fluxlab
 from fluxlab import fp8_attention, quant, shapes
 from fluxlab.applied import OFFLOAD_NAMES
-from fluxlab.optimize import INDUCTOR_FLAGS
+from fluxlab.optimize import INDUCTOR_FLAGS, compile_options
 
 from conftest import exact_attention, latents
 
@@ -110,6 +110,17 @@ def test_fused_qkv_and_inductor_flags_compute_the_same(tiny, tiny_pipe):
     assert (latents(tuned, tiny) - reference).abs().max().item() <= 1e-3
 
 
+def test_inductor_flags_one_at_a_time():
+    """The bench measures flux-fast's flags one by one: each by name, its own label; True is all of them."""
+    assert compile_options(inductor_flags=True) == INDUCTOR_FLAGS
+    assert compile_options(inductor_flags="epilogue_fusion") == {"epilogue_fusion": False}
+    assert compile_options("max-autotune-no-cudagraphs", "conv_1x1_as_mm")["conv_1x1_as_mm"] is True
+    for name, label in (("conv_1x1_as_mm", "conv_1x1_as_mm"), ("epilogue_fusion", "no epilogue fusion"),
+                        ("coordinate_descent_tuning", "coordinate descent")):
+        done = {"compile": dict(scope="regional", options=compile_options(inductor_flags=name))}
+        assert fluxlab.describe(done) == f"compile (regional, {label})"
+
+
 def test_gelu_through_a_sigmoid_is_diffusers_tanh_gelu():
     x = torch.linspace(-12, 12, 200_001)
     reference = torch.nn.functional.gelu(x, approximate="tanh")
@@ -136,6 +147,7 @@ def test_sigmoid_gelu_reaches_every_mlp_and_computes_the_same(tiny, tiny_pipe):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(sigmoid_gelu="yes"), "sigmoid_gelu='yes': must be True or False"),
     (dict(inductor_flags=True), "inductor_flags and overlap are torch.compile settings"),
+    (dict(compile="regional", inductor_flags="fast"), r"inductor_flags='fast': True \(all of flux-fast's\)"),
     (dict(compile="regional", overlap=True), "overlap moves compute around context parallelism"),
     (dict(compile="regional", graphs=True, offload="model"), "moves weights between the CPU and a GPU")])
 def test_bad_combinations_are_refused_before_anything_changes(tiny_pipe, kwargs, message):
