@@ -37,6 +37,14 @@ def compile_options(mode: str | None = None, inductor_flags: bool | str = False,
     return options or None
 
 
+def _require(module, device) -> None:
+    """Refuse, with the module's one-line reason, what `module.unavailable` says cannot run on `device` (None: not
+    known yet, no check)."""
+    reason = module.unavailable(device) if device is not None else None
+    if reason:
+        raise ValueError(reason)
+
+
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
           inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None,
           sigmoid_gelu=False, gelu_fp8=False, compile_vae=False) -> None:
@@ -46,9 +54,7 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         raise ValueError(f"attention={attention!r}: use {fp8_attention.NAME!r} (FP8 on Hopper) or one of diffusers' "
                          f"backends: {', '.join(backends)}.")
     if attention == fp8_attention.NAME:
-        reason = fp8_attention.unavailable(device) if device is not None else None
-        if reason:
-            raise ValueError(reason)
+        _require(fp8_attention, device)
         if parallel is not None and parallel[1] > 1:
             raise ValueError(f"attention={attention!r} runs between Ulysses' all-to-alls, not in ring attention "
                              "(which needs each block's log-sum-exp): use parallel=(N, 1).")
@@ -76,9 +82,7 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         if fp8 != "rowwise":
             raise ValueError("gelu_fp8=True quantizes the MLP outputs for FP8 rowwise products: use it with "
                              "fp8='rowwise'.")
-        reason = mlp_fp8.unavailable(device) if device is not None else None
-        if reason:
-            raise ValueError(reason)
+        _require(mlp_fp8, device)
     if graphs and compile == "full":
         raise ValueError("graphs=True captures each block (compiled regionally): use compile='regional' or None.")
     if not isinstance(inductor_flags, bool) and inductor_flags not in INDUCTOR_FLAG_SETS:

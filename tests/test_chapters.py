@@ -13,7 +13,8 @@ TEACHES = {  # the library calls each technique chapter makes in its own visible
     "02_first_block_cache": ["FirstBlockCacheConfig(threshold=", "pipe.transformer.enable_cache(",
                              "pipe.transformer.disable_cache()"],
     "03_fp8_compile": ["quantize_(pipe.transformer, dynamic", "Float8DynamicActivationFloat8WeightConfig(",
-                       "Float8WeightOnlyConfig(", "compile_repeated_blocks(fullgraph="],
+                       "Float8WeightOnlyConfig(", "compile_repeated_blocks(fullgraph=",
+                       "fluxlab.graphs.capture_blocks(pipe.transformer", "pipe.vae.decoder.compile(fullgraph=True)"],
     "04_context_parallel": ["ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring)",
                             "pipe.transformer.enable_parallelism(", "torchrun --nproc_per_node="],
 }
