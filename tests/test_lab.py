@@ -32,7 +32,7 @@ def api(base, token, path, method="GET", body=None):
 
 
 async def execute(url: str, codes: list[str]) -> list[dict]:
-    """Run each code in the kernel; the execute_reply of each, with the text it printed."""
+    """Run each code in the kernel; the execute_reply of each, with the text it printed before the kernel went idle."""
     ws = await websocket_connect(url)
     session, replies = uuid.uuid4().hex, []
     for code in codes:
@@ -42,16 +42,18 @@ async def execute(url: str, codes: list[str]) -> list[dict]:
                         date=""),
             parent_header={}, metadata={}, channel="shell",
             content=dict(code=code, silent=False, store_history=True, user_expressions={}, allow_stdin=False))))
-        printed = ""
-        while True:
+        printed, reply, idle = "", None, False
+        while reply is None or not idle:  # the reply (shell) may come before the printed text (iopub)
             msg = json.loads(await asyncio.wait_for(ws.read_message(), timeout=300))
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "stream":
                 printed += msg["content"]["text"]
-            if msg["msg_type"] == "execute_reply":
-                replies.append(dict(msg["content"], printed=printed))
-                break
+            elif msg["msg_type"] == "execute_reply":
+                reply = msg["content"]
+            elif msg["msg_type"] == "status":
+                idle = msg["content"]["execution_state"] == "idle"
+        replies.append(dict(reply, printed=printed))
     ws.close()
     return replies
 
