@@ -68,6 +68,22 @@ def heading(run: dict) -> str:
             f"{commit} · {prov['date_utc']} · `{run['path']}`{links}{state}")
 
 
+def latents_errors(name: str, precision: str, latents, references: dict) -> dict:
+    """A configuration's final latents against the run's references (each relative to the reference's norm): the
+    first configuration of the same `precision` (this one, where it is the first: it becomes that reference), and,
+    for FP8, the run's first bf16 configuration (precision "None"), where the run has one. `references` maps a
+    precision to (name, latents) and grows as the run goes."""
+    def distance(reference):
+        return ((latents - reference).norm() / reference.norm()).item()
+
+    name_ref, same = references.setdefault(precision, (name, latents))
+    errors = dict(latents_rel_error=distance(same), latents_reference=name_ref)
+    if precision != "None" and "None" in references:
+        bf16_name, bf16 = references["None"]
+        errors |= dict(latents_rel_error_bf16=distance(bf16), latents_bf16_reference=bf16_name)
+    return errors
+
+
 def table(run: dict) -> Markdown:
     """One row per configuration: s/image, against the run's first configuration and against the rung it adds
     to, cold start, peak memory, and the final latents' distance from the same precision's reference."""
@@ -78,15 +94,17 @@ def table(run: dict) -> Markdown:
     for r in recs:
         t, before = r["timing"], previous(recs, r)
         step = "—" if before is None else f"{before['timing']['median_s'] / t['median_s']:.2f}x"
-        error = r["extras"].get("latents_rel_error")
+        error, bf16 = r["extras"].get("latents_rel_error"), r["extras"].get("latents_rel_error_bf16")
+        error = "—" if error is None else format(error, ".1e") + ("" if bf16 is None else f" (bf16 {bf16:.1e})")
         skipped = f", {r['cache']['skipped']}/{r['cache']['steps']} skipped" if r["cache"] else ""
         lines.append(f"| `{r['name']}`: {r['label']}{skipped} | {r['processes']} | {t['median_s']:.3f} "
                      f"({t['min_s']:.3f}) | {ref / t['median_s']:.2f}x | {step} | {t['cold_start_s']:.1f} "
-                     f"| {r['peak_mem_gb'] or 0:.1f} | {'—' if error is None else format(error, '.1e')} |")
+                     f"| {r['peak_mem_gb'] or 0:.1f} | {error} |")
     note = ("s/image: median (minimum) of the timed calls, text encoding + denoising + VAE decode. Each configuration "
             "loads a fresh pipeline and makes one untimed call first (its cold start, compilation included). "
             "Latents error: distance of the final latents from the first configuration of the same precision in "
-            "this run, relative to their norm (random weights: a numerics figure, not image quality).")
+            "this run, relative to their norm (random weights: a numerics figure, not image quality); in brackets, for "
+            "FP8, from the run's first bf16 configuration, in runs that have one.")
     return Markdown(heading(run) + "\n\n" + "\n".join(lines)
                     + f"\n\n<details><summary>About this table</summary>\n\n{note}\n\n</details>")
 

@@ -136,14 +136,12 @@ def run_config(name: str, settings, world, args, references: dict, traffic) -> d
             rec["extras"].update(memory_cap_gb=cap_gb, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         if world.is_main:
             precision = str(rec["optimizations"].get("fp8"))
-            reference = references.setdefault(precision, (name, latents))
-            rec["extras"].update(latents_rel_error=((latents - reference[1]).norm() / reference[1].norm()).item(),
-                                 latents_reference=reference[0], profile=per_rank)
+            rec["extras"].update(ladder.latents_errors(name, precision, latents, references), profile=per_rank)
             if processes > 1 and traffic:
                 rec["extras"]["all_to_all"] = traffic
             print(f"{name}: {rec['timing']['median_s']:.3f} s/image (min {rec['timing']['min_s']:.3f}), cold start "
                   f"{rec['timing']['cold_start_s']:.1f} s, peak {rec['peak_mem_gb'] or 0:.1f} GB, latents rel. error "
-                  f"{rec['extras']['latents_rel_error']:.2e} vs {reference[0]}", flush=True)
+                  f"{rec['extras']['latents_rel_error']:.2e} vs {rec['extras']['latents_reference']}", flush=True)
             for rank, b in enumerate(per_rank or []):
                 print(f"    rank {rank}: wall {b['wall_s']:.3f} s, compute {b['compute_s']:.3f}, communication "
                       f"{b['communication_s']:.3f} (exposed {b['exposed_communication_s']:.3f}), idle "

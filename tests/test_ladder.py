@@ -118,3 +118,21 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     assert "No speed target is judged on this run" in memory_run
     assert "trade time for GPU memory" in memory_run and "Faster than the rung below" not in memory_run
     assert "Faster than the rung below" in ladder.verdict(runs[2], {}).data
+
+
+def test_latents_errors_against_the_same_precision_and_bf16():
+    """Each configuration against the first one of its precision; FP8 ones also against the run's bf16 one."""
+    import torch
+    references = {}
+    bf16, other, fp8, fp8b = torch.ones(4), torch.tensor([1.0, 1.0, 1.0, 3.0]), torch.full((4,), 2.0), torch.zeros(4)
+    assert ladder.latents_errors("baseline", "None", bf16, references) == dict(
+        latents_rel_error=0.0, latents_reference="baseline")
+    assert ladder.latents_errors("compile", "None", other, references)["latents_rel_error"] == 1.0  # |(0,0,0,2)|/2
+    first = ladder.latents_errors("fp8", "rowwise", fp8, references)
+    assert first == dict(latents_rel_error=0.0, latents_reference="fp8", latents_rel_error_bf16=1.0,
+                         latents_bf16_reference="baseline")
+    second = ladder.latents_errors("fp8-b", "rowwise", fp8b, references)
+    assert (second["latents_rel_error"], second["latents_rel_error_bf16"]) == (1.0, 1.0)
+    assert set(references) == {"None", "rowwise"} and references["rowwise"][0] == "fp8"
+    alone = ladder.latents_errors("fp8", "rowwise", fp8, {})  # a run without a bf16 configuration
+    assert "latents_rel_error_bf16" not in alone
