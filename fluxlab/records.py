@@ -15,7 +15,7 @@ A record (a dict, stored as JSON) is one configuration timed in one run:
 | `cache` | First Block Cache's decisions in the last timed call, or None |
 | `peak_mem_gb` | peak GPU memory allocated during the timed calls (this process), or None |
 | `image` | the image file beside the record, or None |
-| `extras` | further measurements by name: `adherence`, `step_costs`, `profile`, `latents_rel_error` (and `_bf16`), ... |
+| `extras` | further measurements by name: `adherence`, `step_costs`, `profile`, `latents_rel_error[_bf16]`, ... |
 | `provenance` | commit, package versions, device, driver, world size, date, run id |
 
 A results file holds a list of records: a chapter writes one file per configuration, `scripts/bench.py` one file per
