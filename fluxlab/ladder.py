@@ -86,7 +86,8 @@ def latents_errors(name: str, precision: str, latents, references: dict) -> dict
 
 def table(run: dict) -> Markdown:
     """One row per configuration: s/image, against the run's first configuration and against the rung it adds
-    to, cold start, peak memory, and the final latents' distance from the same precision's reference."""
+    to, cold start, peak memory, and the final latents' distance from the same precision's reference (and, for FP8,
+    from the run's bf16 one)."""
     recs = run["records"]
     ref = recs[0]["timing"]["median_s"]
     lines = [f"| Configuration | Procs | s/image | vs `{recs[0]['name']}` | vs previous rung | Cold start (s) "
