@@ -98,8 +98,9 @@ def describe(done: dict, processes: int = 1) -> str:
                                        ("coordinate descent", options.get("coordinate_descent_tuning"))) if on]
         if len(flags) == 3:  # flux-fast's inductor settings, all of them
             flags = ["inductor flags"]
-        extra = "".join(f", {name}" for name in flags
-                        + ["comm. overlap"] * bool(options.get("reorder_for_compute_comm_overlap")))
+        flags += ["its CUDA graphs"] * bool(options.get("triton.cudagraphs"))  # mode="reduce-overhead"
+        flags += ["comm. overlap"] * bool(options.get("reorder_for_compute_comm_overlap"))
+        extra = "".join(f", {name}" for name in flags)
         parts.append(f"compile ({done['compile']['scope']}{extra})")
     if done.get("graphs", {}).get("cuda_graphs"):
         parts.append("CUDA graphs")

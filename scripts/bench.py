@@ -55,6 +55,9 @@ LADDER = {
                                                          compile_vae=True, graphs=True)),
     "fp8-attnfp8-gelufp8-cdt-vae-graphs": (1, dict(ONE_PASS, inductor_flags="coordinate_descent_tuning",
                                                   compile_vae=True, graphs=True)),
+    # the whole transformer in one graph per step (torch.compile's CUDA graphs), inductor fusing across blocks
+    "fp8-attnfp8-gelufp8-vae-full": (1, dict(ONE_PASS, compile="full", compile_mode="reduce-overhead",
+                                             compile_vae=True)),
     "fp8-attnfp8-flags-graphs": (1, dict(FP8, attention="cudnn_fp8", inductor_flags=True, graphs=True)),
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),

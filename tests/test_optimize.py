@@ -119,6 +119,8 @@ def test_inductor_flags_one_at_a_time():
                         ("coordinate_descent_tuning", "coordinate descent")):
         done = {"compile": dict(scope="regional", options=compile_options(inductor_flags=name))}
         assert fluxlab.describe(done) == f"compile (regional, {label})"
+    whole = {"compile": dict(scope="full", options=compile_options("reduce-overhead", inductor_flags=True))}
+    assert fluxlab.describe(whole) == "compile (full, inductor flags, its CUDA graphs)"
 
 
 def test_gelu_through_a_sigmoid_is_diffusers_tanh_gelu():
