@@ -166,3 +166,5 @@ def use(transformer) -> None:
         f"{name}.processor": FP8AttnProcessor((norm_bound(attn.norm_q, getattr(attn, "norm_added_q", None)),
                                                norm_bound(attn.norm_k, getattr(attn, "norm_added_k", None))))
         for name, attn in transformer.named_modules() if isinstance(attn, FluxAttention)})
+    if transformer.device.type == "cuda":  # now, not inside a CUDA graph's memory pool on the first call
+        _constants(transformer.device)
