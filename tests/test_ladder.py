@@ -1,5 +1,6 @@
 """The performance page's ladder, read from a real run of scripts/bench.py (2 CPU processes)."""
 import json
+from pathlib import Path
 
 from fluxlab import ladder, records
 
@@ -136,3 +137,18 @@ def test_latents_errors_against_the_same_precision_and_bf16():
     assert set(references) == {"None", "rowwise"} and references["rowwise"][0] == "fp8"
     alone = ladder.latents_errors("fp8", "rowwise", fp8, {})  # a run without a bf16 configuration
     assert "latents_rel_error_bf16" not in alone
+
+
+def test_a_missed_one_gpu_target_says_what_matmuls_and_attention_leave_to_the_rest():
+    """Read off a profiled one-GPU record of book/results: kernel time of GEMMs and attention against the target."""
+    results = Path(__file__).parents[1] / "book" / "results"
+    profiled = [(run, ladder.best(run["records"], 1)) for run in ladder.runs(results) if run["world_size"] == 1]
+    run, top = next((run, top) for run, top in profiled if top and top["extras"].get("profile"))
+    kinds = top["extras"]["profile"][0]["kernel_s_by_kind"]
+    floor = sum(v for k, v in kinds.items() if k in ("FP8 GEMM", "GEMM (bf16)", "attention"))
+    median = top["timing"]["median_s"]
+    text = ladder.verdict(run, {1: dict(seconds=median / 2, speedup=1.0)}).data
+    assert f"matrix multiplies and attention take {floor:.3f} s" in text
+    assert f"leaves {median / 2 - floor:.3f} s for everything else" in text
+    assert f"now takes {median - floor:.3f} s" in text
+    assert "matrix multiplies and attention" not in ladder.verdict(run, {1: dict(seconds=1e9, speedup=0.0)}).data
