@@ -15,7 +15,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt -e '.[book,serve,test]'
+	$(BIN)/python -m pip install -q -r requirements.txt -e '.[book,serve,test,peers]'
 	touch $(STAMP)
 
 book: $(STAMP)

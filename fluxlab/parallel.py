@@ -1,4 +1,5 @@
 """Processes that make one image together (started by torchrun), and context parallelism across them."""
+import atexit
 import dataclasses
 import datetime
 import os
@@ -41,8 +42,17 @@ def init(device: torch.device) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type ==
                                 "cuda" else None, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        atexit.register(finish)  # a chapter's kernel, the benchmark or a pool worker ends its group as it exits
     cpu_group()
     return World(rank, world_size, device)
+
+
+def finish() -> None:
+    """Leave the process group, if this process is in one (NCCL warns at exit about a group never destroyed)."""
+    global _cpu_group
+    if dist.is_initialized():
+        dist.destroy_process_group()  # every group, the gloo one too
+    _cpu_group = None
 
 
 def degrees(world_size: int, ulysses: int | None = None, ring: int | None = None) -> tuple[int, int]:

@@ -19,7 +19,8 @@ A record (a dict, stored as JSON) is one configuration timed in one run:
 | `provenance` | commit, package versions, device, driver, world size, date, run id |
 
 A results file holds a list of records: a chapter writes one file per configuration, `scripts/bench.py` one file per
-run (`bench-<N>gpu.json`).
+run (`bench-<N>gpu.json`). A benchmark file also lists the configurations that failed in that run (`failed`: name,
+label, the stage it failed in, the error's first line, provenance), which `failures` reads.
 """
 import datetime
 import functools
@@ -73,23 +74,49 @@ def check(record: dict, where: str) -> dict:
     return record
 
 
-def write(path: str | Path, records: list[dict]) -> Path:
-    """Check every record and write the list atomically: a crash mid-write never leaves a half file."""
+FAILURE = ("name", "label", "stage", "error", "provenance")
+
+
+def write(path: str | Path, records: list[dict], failed: list[dict] = ()) -> Path:
+    """Check every record (and failure) and write the lists atomically: a crash mid-write never leaves a half
+    file."""
     for record in records:
         check(record, str(path))
-    return replace_atomically(Path(path), json.dumps(dict(records=records), indent=1, sort_keys=True).encode())
+    for failure in failed:
+        check_failure(failure, str(path))
+    data = dict(records=records) | (dict(failed=list(failed)) if failed else {})
+    return replace_atomically(Path(path), json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def check_failure(failure: dict, where: str) -> dict:
+    """Raise RecordError naming `where` and the first missing field of a failed configuration; return it."""
+    for field in FAILURE:
+        if not failure.get(field):
+            raise RecordError(f"{where}: failed configuration {failure.get('name')!r} lacks the field {field!r}")
+    return failure
+
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
+            or not isinstance(data.get("failed", []), list):
+        raise RecordError(f"{path}: expected an object with a list 'records' (and optionally a list 'failed')")
+    return data
 
 
 def read(path: str | Path) -> list[dict]:
     """The records of one file, checked, each with `_path` (the file) set."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecordError(f"{path}: not JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise RecordError(f"{path}: expected an object with a list 'records'")
-    return [dict(check(r, str(path)), _path=str(path)) for r in data["records"]]
+    return [dict(check(r, str(path)), _path=str(path)) for r in _load(path)["records"]]
+
+
+def failures(path: str | Path) -> list[dict]:
+    """The configurations that failed in the run that wrote this file, checked."""
+    path = Path(path)
+    return [check_failure(f, str(path)) for f in _load(path).get("failed", [])]
 
 
 def read_folder(folder: str | Path, pattern: str = "*.json") -> list[dict]:

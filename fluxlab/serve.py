@@ -124,6 +124,7 @@ def _worker(rank: int, port: int, config: PoolConfig, requests, results) -> None
             print(f"request {number} failed on rank {rank}:", file=sys.stderr)
             traceback.print_exc()
             results.put((number, rank, "failed", _cause()))
+    parallel.finish()
 
 
 def _cause() -> str:

@@ -10,13 +10,18 @@ Each configuration loads a fresh pipeline (default source flux-dev-random at the
 context-parallel ones (`cp-...`) on every process. The first configuration is the run's reference.
 With `--profile`, every process profiles one more image (compute, exposed communication and idle time as unions
 of kernel intervals) and, on two or more processes, the run times a bare all-to-all of one Ulysses tensor.
-Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; a list of records, `fluxlab.records`) only
-when every configuration succeeded; progress goes to the same name ending in `.partial.json` after each configuration.
+Peers (`peer-flux-fast`, `peer-cache-dit`, `peer-para-attention`) apply another tool's published recipe
+(`fluxlab.peers`) to the same freshly loaded pipeline instead of `fluxlab.optimize`, timed by the same code.
+A one-process configuration that fails (an error, out of memory) is recorded as failed with its error and the run
+goes on; a failing context-parallel configuration, or a failing first configuration (the reference), ends the run.
+Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; records and failures, `fluxlab.records`)
+when the run ends; progress goes to the same name ending in `.partial.json` after each configuration.
 """
 import argparse
 import gc
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -25,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLUXLAB_PROGRESS", "0")  # no denoising progress bars in the benchmark's log
 import fluxlab  # noqa: E402
-from fluxlab import ladder, parallel, profiling, records  # noqa: E402
+from fluxlab import ladder, parallel, peers, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
@@ -62,6 +67,10 @@ LADDER = {
     "fp8-flags-graphs": (1, dict(FP8, inductor_flags=True, graphs=True)),
     "fp8-fused-flags-graphs": (1, dict(FP8, fuse_qkv=True, inductor_flags=True, graphs=True)),
     "fbcache-fp8-graphs": (1, dict(FP8, cache=0.12, graphs=True)),
+    # Other tools' recipes on the same pipeline (fluxlab.peers)
+    "peer-flux-fast": (1, dict(peer="flux-fast")),
+    "peer-cache-dit": (1, dict(peer="cache-dit")),
+    "peer-para-attention": (1, dict(peer="para-attention")),
     # Memory: each component moves to the GPU when it runs (model), or each layer does (sequential: one timed
     # call, it streams all weights over PCIe at every step). `cap_gb`: from the first call on, PyTorch may hold no
     # more than this on the GPU (a smaller card).
@@ -118,25 +127,38 @@ def cap_memory(device: torch.device, cap_gb: float | None) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total) if cap_gb else 1.0, device)
 
 
-def run_config(name: str, settings, world, args, references: dict, traffic) -> dict | None:
+def run_config(name: str, settings, world, args, references: dict, traffic, stage: dict) -> dict | None:
+    """Load, optimize, time (and profile) one configuration on the processes it runs on; process 0 returns its
+    record. `stage["now"]` says which step it is in (a failure's record names it)."""
     processes, kwargs, repeats, cap_gb = optimize_kwargs(name, world.world_size)
     mine = processes > 1 or world.is_main
     rec = None
     if mine:
         run_world = world if processes > 1 else parallel.World(0, 1, world.device)
+        stage["now"] = "load"
         pipe = fluxlab.load_pipeline(settings)
-        fluxlab.optimize(pipe, **kwargs)
+        stage["now"] = "apply"
+        label, extras = None, {"vae_decode_s": fluxlab.vae_decode_seconds} if args.profile else None
+        if "peer" in kwargs:
+            peer = peers.RECIPES[kwargs["peer"]](pipe)
+            label = peers.label(peer)
+        else:
+            fluxlab.optimize(pipe, **kwargs)
         gc.collect()
         torch.cuda.empty_cache()  # what loading and quantizing left in the allocator's cache is not the cap's
         cap_memory(settings.device, cap_gb)  # loading and quantizing ran uncapped (full-size weights first)
+        stage["now"] = "warm-up and timed calls"
         rec = fluxlab.measure(pipe, settings, name=name, chapter="bench", output_dir=None, world=run_world,
-                              warmup=args.warmup, repeats=min(repeats or args.repeats, args.repeats),
-                              extras={"vae_decode_s": fluxlab.vae_decode_seconds} if args.profile else None)
+                              warmup=args.warmup, repeats=min(repeats or args.repeats, args.repeats), label=label,
+                              extras=extras)
+        stage["now"] = "latents and profile"
         latents = fluxlab.generate(pipe, settings, output_type="latent").float().cpu()
         per_rank = profiling.every_rank(pipe, settings) if args.profile else None
         cap_memory(settings.device, None)
         if cap_gb:
             rec["extras"].update(memory_cap_gb=cap_gb, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        if "peer" in kwargs:
+            rec["extras"]["peer"] = peer
         if world.is_main:
             precision = str(rec["optimizations"].get("fp8"))
             rec["extras"].update(ladder.latents_errors(name, precision, latents, references), profile=per_rank)
@@ -152,14 +174,31 @@ def run_config(name: str, settings, world, args, references: dict, traffic) -> d
                       f" between kernels), {b['kernels']} kernels; largest gaps: " + "; ".join(
                           f"{g['seconds'] * 1e3:.2f} ms after {g['after'][:40]}" for g in b["idle"]["largest"][:3]),
                       flush=True)
-        if "compile" in kwargs and world.is_main:
+        if world.is_main and torch._dynamo.utils.compile_times(repr="str", aggregate=True):
             print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         del pipe
-        torch._dynamo.reset()  # the next configuration compiles from scratch (the on-disk inductor cache aside)
-        gc.collect()
-        torch.cuda.empty_cache()
     parallel.barrier()
     return rec if world.is_main else None
+
+
+def release(device: torch.device) -> None:
+    """Free what a configuration left: the next one compiles from scratch (the on-disk inductor cache aside) and
+    starts with the whole GPU."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        cap_memory(device, None)
+        torch.cuda.empty_cache()
+
+
+def failure(name: str, stage: str, err: BaseException, device: torch.device) -> dict:
+    """A failed configuration as its run records it: its label, the error's first line, provenance."""
+    kwargs = LADDER[name][1]
+    label = f"{kwargs['peer']} recipe (fluxlab.peers)" if "peer" in kwargs else \
+        "fluxlab.optimize(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    first_line = (str(err).strip().splitlines() or [""])[0][:500]
+    return dict(name=name, label=label, stage=stage, error=f"{type(err).__name__}: "
+                f"{first_line}".rstrip(": "), provenance=records.provenance(device, 1))
 
 
 def main():
@@ -222,15 +261,26 @@ def main():
                       f"median; four bare all-to-alls: {4 * traffic['ms_median'] * 1e3:.1f} us", flush=True)
     final = Path(args.out) / ladder.bench_file(world.world_size, args.tag)
     partial = final.with_name(final.stem + ".partial.json")
-    done, references = [], {}
-    for name in names:
-        rec = run_config(name, settings, world, args, references, traffic)
+    done, failed, references = [], [], {}
+    for i, name in enumerate(names):
+        stage = {}
+        try:
+            rec = run_config(name, settings, world, args, references, traffic, stage)
+        except Exception as err:  # an error or torch.OutOfMemoryError; one process's configurations only
+            if i == 0 or optimize_kwargs(name, world.world_size)[0] > 1:
+                raise
+            traceback.print_exc()
+            failed.append(failure(name, stage.get("now", "load"), err, settings.device))
+            print(f"{name}: FAILED, recorded and skipped: {failed[-1]['error']}", flush=True)
+            rec = None
+        release(settings.device)
         if rec:
             done.append(rec)
-            records.write(partial, done)  # progress, apart from the last complete file
+        if world.is_main and (rec or failed):
+            records.write(partial, done, failed)  # progress, apart from the last complete file
     if not world.is_main:
         return
-    records.write(final, done)
+    records.write(final, done, failed)
     partial.unlink()
     reference = done[0]["timing"]["median_s"]
     print(f"\n{'config':<26}{'procs':>6}{'median s':>10}{'min s':>8}{'vs ' + names[0]:>16}{'cold s':>8}{'peak GB':>9}")
@@ -238,6 +288,8 @@ def main():
         t = r["timing"]
         print(f"{r['name']:<26}{r['processes']:>6}{t['median_s']:>10.3f}{t['min_s']:>8.3f}"
               f"{reference / t['median_s']:>15.2f}x{t['cold_start_s']:>8.1f}{r['peak_mem_gb'] or 0:>9.1f}")
+    for f in failed:
+        print(f"{f['name']:<26} FAILED: {f['error']}")
     print(f"wrote {final}")
 
 

@@ -152,3 +152,25 @@ def test_a_missed_one_gpu_target_says_what_matmuls_and_attention_leave_to_the_re
     assert f"leaves {median / 2 - floor:.3f} s for everything else" in text
     assert f"now takes {median - floor:.3f} s" in text
     assert "matrix multiplies and attention" not in ladder.verdict(run, {1: dict(seconds=1e9, speedup=0.0)}).data
+
+
+def test_a_failing_configuration_is_recorded_and_the_run_goes_on(tmp_path):
+    # On a CPU, torchao refuses FP8 dynamic quantization: flux-fast's recipe fails in its own calls.
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs",
+                      "baseline,peer-flux-fast,compile", "--warmup", "1", "--repeats", "1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = tmp_path / "bench-1gpu.json"
+    assert [r["name"] for r in records.read(path)] == ["baseline", "compile"]
+    (failed,) = records.failures(path)
+    assert failed["name"] == "peer-flux-fast" and failed["stage"] == "apply"
+    assert failed["error"].startswith("AssertionError: Float8 dynamic quantization requires CUDA")
+    assert failed["provenance"]["git_commit"] and "peer-flux-fast             FAILED" in result.stdout
+    (run,) = ladder.runs(tmp_path)
+    assert run["failed"] == [failed]
+
+
+def test_a_failing_reference_ends_the_run_without_a_results_file(tmp_path):
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs",
+                      "peer-flux-fast,baseline", "--warmup", "1", "--repeats", "1", "--out", tmp_path)
+    assert result.returncode != 0 and "Float8 dynamic quantization requires CUDA" in result.stderr
+    assert not (tmp_path / "bench-1gpu.json").exists()
