@@ -6,10 +6,12 @@ is checked before any process starts or any weight loads: options, the socket (b
 uvicorn), the model source against the device, the GPUs' free memory.
 
 Status codes: 200 the image; 400 a request that breaks a rule (the message names the field, the value and what is
-allowed); 404/405 another path or method; 413 a body over `MAX_BODY_BYTES`; 500 the pipeline failed on every
+allowed); 404/405 another path or method; 413 a body over `MAX_BODY_BYTES`; 415 a body sent as another media type
+than JSON; 500 the pipeline failed on every
 process (the pool serves on); 503 the pool is unhealthy or a process failed or died (it restarts); 504 a request
 outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Request-Id` and `X-Process-Time-s`
-(seconds to its first byte), and the server logs one line per request with both.
+(seconds to its first byte), and the server logs one line per request with both. Every error's body is
+`{"error": "..."}`.
 """
 import argparse
 import signal
@@ -23,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from .book import chapter, check_full_size, full_size
@@ -31,6 +34,9 @@ from .serve import REQUEST_FIELDS, Pool, PoolConfig, PoolError
 from .settings import SERVER_LIMITS, Limits, check_int
 
 MAX_BODY_BYTES = 64 * 1024
+# A body over the limit is read on, up to this many bytes, and discarded before the 413: a client still sending
+# when the server answers and closes gets a connection reset instead of the answer.
+DRAIN_BYTES = 16 * 1024 * 1024
 
 
 def request_model(pool: Pool) -> type[BaseModel]:
@@ -71,6 +77,17 @@ def explain(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+PARSE_FAILED = "the body could not be parsed as JSON (is it nested too deeply?)"
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: none, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 class BodyLimit:
     """Refuse request bodies over `limit` bytes, declared or streamed (chunked), before the app reads them:
     neither Starlette nor uvicorn sets such a limit."""
@@ -92,7 +109,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await self._refuse(scope, receive, send)
+                return await self._refuse(scope, receive, send, len(body), more)
         replayed = False
 
         async def replay():
@@ -104,7 +121,13 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
+    async def _refuse(self, scope, receive, send, read: int = 0, more: bool = True):
+        while more and read < DRAIN_BYTES:  # let the client finish sending, so that it reads the answer
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            read += len(message.get("body", b""))
+            more = message.get("more_body", False)
         error = f"the body is larger than {self.limit} bytes; at most {self.limit} are read"
         await JSONResponse(dict(error=error), 413, headers={"Connection": "close"})(scope, receive, send)
 
@@ -144,7 +167,15 @@ def make_app(pool: Pool):
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, err: RequestValidationError):
+        if await request.body() and not is_json(request.headers.get("content-type")):
+            return JSONResponse(dict(error=f"the body is sent as {request.headers.get('content-type')!r}; send it "
+                                           "as JSON, with the header 'Content-Type: application/json'"), 415)
         return JSONResponse(dict(error=explain(err.errors())), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):  # FastAPI's own refusals, in the same shape as ours
+        error = PARSE_FAILED if err.detail == "There was an error parsing the body" else str(err.detail)
+        return JSONResponse(dict(error=error), err.status_code, headers=err.headers)
 
     @app.post("/generate", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the image"},

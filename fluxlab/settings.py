@@ -172,6 +172,11 @@ def check(model_source="tiny", device="auto", prompt=None, height=None, width=No
     prompt = defaults["prompt"] if prompt is None else prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt={_short(prompt)}: must be a non-empty string (the text to draw).")
+    try:
+        prompt.encode("utf-8")  # the tokenizers take Unicode text only
+    except UnicodeEncodeError as err:
+        raise ValueError(f"prompt: not valid Unicode text ({err.reason}: {prompt[err.start:err.end]!r} at "
+                         f"character {err.start}); send the text as UTF-8.") from None
     if len(prompt) > limits.max_prompt_chars:
         raise ValueError(f"prompt of {len(prompt)} characters: at most {limits.max_prompt_chars} are allowed "
                          "(T5 reads 512 tokens at most).")

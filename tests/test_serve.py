@@ -159,6 +159,34 @@ def test_bodies_that_are_not_json_chunked_or_too_large(server):
     assert health(server.url)[1]["healthy"]
 
 
+def test_text_media_and_bodies_the_parsers_refuse_get_clear_errors_and_the_pool_is_unchanged(server):
+    before = post(server.url, dict(prompt=PROMPTS[0], seed=3, steps=4))
+    assert before[0] == 200
+    # A lone surrogate is valid JSON but not Unicode text: refused before the pool, naming the prompt.
+    code, answer = post(server.url, None, raw=b'{"prompt": "a \\ud800 circle"}')
+    assert code == 400 and json.loads(answer)["error"].startswith("prompt: not valid Unicode text")
+    # A JSON object sent the way curl -d and urllib send it by default: the answer names the media type it needs.
+    r = httpx.post(server.url + "/generate", content=b'{"seed": 1}', timeout=60,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
+    # What the JSON parser itself refuses answers in the same shape as every other error.
+    code, answer = post(server.url, None, raw=b"[" * 30_000 + b"]" * 30_000)
+    assert (code, json.loads(answer)) == (400, {"error": "the body could not be parsed as JSON (is it nested too "
+                                                         "deeply?)"})
+    assert httpx.get(server.url + "/generate", timeout=30).json() == {"error": "Method Not Allowed"}
+    # A 3 MB body from Python's urllib: the 413 reaches the client (the server reads the rest before answering).
+    import urllib.error
+    import urllib.request
+    for _ in range(3):
+        request = urllib.request.Request(server.url + "/generate", data=b"x" * 3_000_000, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413 and b"at most 65536 are read" in refused.value.read()
+    after = post(server.url, dict(prompt=PROMPTS[0], seed=3, steps=4))
+    assert after == before and health(server.url)[1]["healthy"]
+
+
 def test_hostile_http_gets_clear_answers_and_no_traceback(server):
     assert httpx.get(server.url + "/generate", timeout=30).status_code == 405
     assert httpx.post(server.url + "/nowhere", timeout=30).status_code == 404

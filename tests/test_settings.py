@@ -25,6 +25,7 @@ from fluxlab.settings import SERVER_LIMITS, resolve_source
     (dict(seed="1"), "seed='1': must be an integer"),
     (dict(prompt=5), "prompt=5: must be a non-empty string"),
     (dict(prompt="   "), "prompt='   ': must be a non-empty string"),
+    (dict(prompt="a \ud800 circle"), "prompt: not valid Unicode text .surrogates not allowed: '.{6}' at character 2"),
     (dict(prompt="x" * 30_000), "prompt of 30000 characters: at most 20000"),
     (dict(max_sequence_length=0), "max_sequence_length=0: must be an integer from 1 to 512"),
     (dict(model_source="flux-dev-randum"), "unknown model source 'flux-dev-randum'"),
