@@ -14,6 +14,7 @@ outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Re
 `{"error": "..."}`.
 """
 import argparse
+import asyncio
 import signal
 import socket
 import sys
@@ -34,9 +35,9 @@ from .serve import REQUEST_FIELDS, Pool, PoolConfig, PoolError
 from .settings import SERVER_LIMITS, Limits, check_int
 
 MAX_BODY_BYTES = 64 * 1024
-# A body over the limit is read on, up to this many bytes, and discarded before the 413: a client still sending
-# when the server answers and closes gets a connection reset instead of the answer.
-DRAIN_BYTES = 16 * 1024 * 1024
+# A body over the limit is read on, up to this many bytes or seconds, and discarded before the 413: a client still
+# sending when the server answers and closes gets a connection reset instead of the answer.
+DRAIN_BYTES, DRAIN_S = 16 * 1024 * 1024, 2.0
 
 
 def request_model(pool: Pool) -> type[BaseModel]:
@@ -122,12 +123,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send, read: int = 0, more: bool = True):
-        while more and read < DRAIN_BYTES:  # let the client finish sending, so that it reads the answer
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            read += len(message.get("body", b""))
-            more = message.get("more_body", False)
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            while more and read < DRAIN_BYTES:  # let the client finish sending, so that it reads the answer
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                if message["type"] == "http.disconnect":
+                    return
+                read += len(message.get("body", b""))
+                more = message.get("more_body", False)
+        except TimeoutError:  # a client that declared more than it sends
+            pass
         error = f"the body is larger than {self.limit} bytes; at most {self.limit} are read"
         await JSONResponse(dict(error=error), 413, headers={"Connection": "close"})(scope, receive, send)
 

@@ -1,6 +1,6 @@
-"""The optimization ladder from `scripts/bench.py`'s records: tables, where the GPU time goes, and a verdict against
-targets the page states."""
-import re
+"""The performance page from `scripts/bench.py`'s records: fluxlab's fastest beside other tools per GPU, the ladder,
+what did not help, what fits a smaller card, one verdict per process count against the page's targets, and the
+records' appendix."""
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -40,33 +40,43 @@ def runs(folder: str | Path) -> list[dict]:
     return sorted(found, key=lambda r: (r["world_size"], tag(r["path"]) != "", not r["complete"], r["path"]))
 
 
+def is_peer(rec: dict) -> bool:
+    """A record of another tool's recipe (`fluxlab.peers`), not a fluxlab configuration."""
+    return "peer" in rec["extras"]
+
+
+def _flat(optimizations: dict, prefix: str = "") -> dict:
+    """Nested optimizations as {"compile.options.conv_1x1_as_mm": True, ...}."""
+    flat = {}
+    for key, value in optimizations.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _adds_one(before: dict, after: dict) -> bool:
+    """Whether `after` keeps everything `before` applied and adds to (or sets otherwise) one optimization only."""
+    b, a = _flat(before), _flat(after)
+    changed = {k.split(".")[0] for k in a if b.get(k) != a[k]}
+    return set(b) <= set(a) and len(changed) == 1
+
+
 def previous(recs: list[dict], rec: dict) -> dict | None:
-    """The rung `rec` adds to: for a context-parallel record, an earlier one of the same processes that it changes
-    in one optimization (added or set otherwise), else the one-process record with the same other optimizations;
-    else the row above."""
+    """The configuration `rec` builds on, in the same run: the nearest earlier fluxlab record of the same processes
+    that it adds one optimization to (or sets one otherwise); else, for one process, the row above, and for
+    context parallelism, the one-process record with the same other optimizations; else None. Other tools' records
+    build on nothing."""
+    if is_peer(rec):
+        return None
     i = recs.index(rec)
-    mine = rec["optimizations"]
-    if "parallel" in mine:
-        for r in recs[:i]:
-            theirs = r["optimizations"]
-            if r["processes"] == rec["processes"] and set(theirs) <= set(mine) \
-                    and sum(theirs.get(k) != v for k, v in mine.items()) == 1:
-                return r
-        rest = {k: v for k, v in mine.items() if k != "parallel"}
-        return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
-    return recs[i - 1] if i else None
-
-
-def heading(run: dict) -> str:
-    first = run["records"][-1]
-    prov = first["provenance"]
-    state = "" if run["complete"] else " · **incomplete run**: it stopped before its last configuration"
-    links = f" · GPU links: {prov.get('gpu_links') or 'not recorded'}" if run["world_size"] > 1 and prov.get("cuda") else ""
-    commit = prov["git_commit"]
-    commit = f"commit `{commit[:12]}`" if re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) else f"code: `{commit}`"
-    return (f"**{run['world_size']}x {prov['device_name']}** · {first['model_source']} · "
-            f"{first['settings']['height']}x{first['settings']['width']}, {first['settings']['steps']} steps · "
-            f"{commit} · {prov['date_utc']} · `{run['path']}`{links}{state}")
+    ours = [r for r in recs[:i] if not is_peer(r) and r["processes"] == rec["processes"]]
+    found = next((r for r in reversed(ours) if _adds_one(r["optimizations"], rec["optimizations"])), None)
+    if found or "parallel" not in rec["optimizations"]:
+        return found or (ours[-1] if ours else None)
+    rest = {k: v for k, v in rec["optimizations"].items() if k != "parallel"}
+    return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
 
 
 def latents_errors(name: str, precision: str, latents, references: dict) -> dict:
@@ -85,108 +95,149 @@ def latents_errors(name: str, precision: str, latents, references: dict) -> dict
     return errors
 
 
-def table(run: dict) -> Markdown:
-    """One row per configuration: s/image, against the run's first configuration and against the rung it adds
-    to, cold start, peak memory, and the final latents' distance from the same precision's reference (and, for FP8,
-    from the run's bf16 one)."""
-    recs = run["records"]
-    ref = recs[0]["timing"]["median_s"]
-    lines = [f"| Configuration | Procs | s/image | vs `{recs[0]['name']}` | vs previous rung | Cold start (s) "
-             "| Peak GB | Latents error |", "|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        t, before = r["timing"], previous(recs, r)
-        step = "—" if before is None else f"{before['timing']['median_s'] / t['median_s']:.2f}x"
-        error, bf16 = r["extras"].get("latents_rel_error"), r["extras"].get("latents_rel_error_bf16")
-        error = "—" if error is None else format(error, ".1e") + ("" if bf16 is None else f" (bf16 {bf16:.1e})")
-        skipped = f", {r['cache']['skipped']}/{r['cache']['steps']} skipped" if r["cache"] else ""
-        lines.append(f"| `{r['name']}`: {r['label']}{skipped} | {r['processes']} | {t['median_s']:.3f} "
-                     f"({t['min_s']:.3f}) | {ref / t['median_s']:.2f}x | {step} | {t['cold_start_s']:.1f} "
-                     f"| {r['peak_mem_gb'] or 0:.1f} | {error} |")
-    note = ("s/image: median (minimum) of the timed calls, text encoding + denoising + VAE decode. Each configuration "
-            "loads a fresh pipeline and makes one untimed call first (its cold start, compilation included). "
-            "Latents error: distance of the final latents from the first configuration of the same precision in "
-            "this run, relative to their norm (random weights: a numerics figure, not image quality); in brackets, for "
-            "FP8, from the run's first bf16 configuration, in runs that have one.")
-    return Markdown(heading(run) + "\n\n" + "\n".join(lines)
-                    + f"\n\n<details><summary>About this table</summary>\n\n{note}\n\n</details>")
+def best(recs: list[dict], processes: int) -> dict | None:
+    """The fastest fluxlab configuration without First Block Cache on `processes` processes."""
+    return min((r for r in recs if r["processes"] == processes and not r["cache"] and not is_peer(r)),
+               key=lambda r: r["timing"]["median_s"], default=None)
 
 
-def plot(run: dict):
-    """Per configuration, process 0's GPU kernel time of one image by kind, with the wall time marked."""
-    recs = [r for r in run["records"] if r["extras"].get("profile")]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(recs) + 1.6))
-    names = [r["name"] for r in recs]
-    left = [0.0] * len(recs)
-    for kind, colour in KIND_COLOURS.items():
-        widths = [r["extras"]["profile"][0]["kernel_s_by_kind"].get(kind, 0.0) for r in recs]
-        if any(widths):
-            ax.barh(names, widths, left=left, color=colour, label=kind)
-            left = [a + b for a, b in zip(left, widths)]
-    ax.plot([r["timing"]["median_s"] for r in recs], names, "k|", markersize=16, label="wall time (median)")
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds per image (kernel times summed by kind, process 0)")
-    ax.set_title(f"{run['world_size']}x {recs[0]['provenance']['device_name']}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+def headline_runs(runs_: list[dict]) -> list[dict]:
+    """The complete one-process runs that measured other tools beside the bf16 baseline, one per GPU (the newest)."""
+    found = {}
+    for run in runs_:
+        recs = run["records"]
+        if run["complete"] and run["world_size"] == 1 and not recs[0]["optimizations"] \
+                and (any(map(is_peer, recs)) or any(f["name"].startswith("peer-") for f in run["failed"])):
+            device = recs[0]["provenance"]["device_name"]
+            if device not in found or recs[0]["provenance"]["date_utc"] > found[device]["records"][0]["provenance"][
+                    "date_utc"]:
+                found[device] = run
+    return sorted(found.values(), key=lambda run: run["records"][0]["provenance"]["device_name"])
+
+
+def _seconds(rec: dict) -> str:
+    t = rec["timing"]
+    return f"{t['median_s']:.3f} ({t['min_s']:.3f})"
+
+
+def headline(runs_: list[dict]) -> Markdown:
+    """Per GPU, from one run each: the bf16 baseline, fluxlab's fastest configuration and each other tool's recipe
+    (or the error it failed with): s/image, ratio to the baseline, cold start, peak memory, latents error."""
+    lines = ["| GPU | Configuration | s/image | vs bf16 | Cold start (s) | Peak GB | Latents vs bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for run in headline_runs(runs_):
+        recs = run["records"]
+        base, top = recs[0], best(recs, 1)
+        gpu = base["provenance"]["device_name"].removeprefix("NVIDIA ")
+        for r in [base, top, *filter(is_peer, recs)]:
+            who = f"{r['extras']['peer']['tool']} {r['extras']['peer']['version'].split(';')[0]}" if is_peer(r) \
+                else ("diffusers bf16" if r is base else "fluxlab fastest")
+            error = r["extras"].get("latents_rel_error_bf16")
+            lines.append(f"| {gpu} | **{who}**: `{r['name']}` | {_seconds(r)} | "
+                         f"{base['timing']['median_s'] / r['timing']['median_s']:.2f}x | "
+                         f"{r['timing']['cold_start_s']:.1f} | {r['peak_mem_gb'] or 0:.1f} | "
+                         f"{'—' if error is None else format(error, '.1e')} |")
+        for f in run["failed"]:
+            lines.append(f"| {gpu} | **failed**: `{f['name']}` | — | — | — | — | {f['stage']}: {f['error'][:160]} |")
+    if len(lines) == 2:
+        return Markdown("*No benchmark run has measured other tools yet.*")
+    note = ("s/image: median (minimum) of 3 timed calls after one untimed call (the cold start, compilation "
+            "included); text encoding, 28 steps and VAE decode at 1024x1024 on flux-dev-random; each row loads a "
+            "fresh pipeline; ratios within one run. Latents vs bf16: distance of the final latents from the run's bf16 "
+            "baseline, relative to its norm (random weights: numerics, not image quality). Each tool's recipe as run, "
+            "and what it leaves out here, is in the appendix.")
+    return Markdown("\n".join(lines) + f"\n\n*{note}*")
+
+
+def plot(runs_: list[dict]):
+    """One panel per run: each profiled configuration's GPU kernel time of one image by kind, the wall time marked."""
+    fig, axes = plt.subplots(len(runs_), 1, squeeze=False,
+                             figsize=(8, sum(0.45 * len(run["records"]) + 1.0 for run in runs_) + 0.6))
+    for ax, run in zip(axes[:, 0], runs_):
+        recs = [r for r in run["records"] if r["extras"].get("profile")]
+        names = [r["name"] for r in recs]
+        left = [0.0] * len(recs)
+        for kind, colour in KIND_COLOURS.items():
+            widths = [r["extras"]["profile"][0]["kernel_s_by_kind"].get(kind, 0.0) for r in recs]
+            if any(widths):
+                ax.barh(names, widths, left=left, color=colour, label=kind)
+                left = [a + b for a, b in zip(left, widths)]
+        ax.plot([r["timing"]["median_s"] for r in recs], names, "k|", markersize=16, label="wall time (median)")
+        ax.invert_yaxis()
+        ax.set_title(f"{run['world_size']}x {run['records'][0]['provenance']['device_name']} · {run['path']}",
+                     fontsize=9)
+    axes[-1, 0].set_xlabel("seconds per image (kernel time by kind, process 0; black: wall time)")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
 
-def best(recs: list[dict], processes: int) -> dict | None:
-    """The fastest configuration without First Block Cache on `processes` processes."""
-    return min((r for r in recs if r["processes"] == processes and not r["cache"]),
-               key=lambda r: r["timing"]["median_s"], default=None)
+def steps(recs: list[dict]) -> Markdown:
+    """A chapter's newest run as a ladder: each configuration without a cache or offload, in the order it ran,
+    against the run's first (the bf16 baseline) and the row above."""
+    run_id = recs[-1]["provenance"]["run_id"] if recs else None
+    rows = [r for r in recs if r["provenance"]["run_id"] == run_id and not r["cache"] and r["processes"] == 1
+            and "offload" not in r["optimizations"] and not r["name"].startswith("tiny-")]
+    if not rows:
+        return Markdown("*No ladder recorded yet.*")
+    base = rows[0]
+    lines = ["| Step | s/image | vs bf16 | This step |", "|---|---|---|---|"]
+    for before, r in zip([None, *rows], rows):
+        step = "—" if before is None else f"{before['timing']['median_s'] / r['timing']['median_s'] - 1:+.1%}"
+        lines.append(f"| {r['label']} | {_seconds(r)} | {base['timing']['median_s'] / r['timing']['median_s']:.2f}x "
+                     f"| {step} |")
+    prov = base["provenance"]
+    return Markdown(f"*{prov['device_name']}, {base['model_source']}, chapter `{base['chapter']}`, commit "
+                    f"`{prov['git_commit'][:12]}`, {prov['date_utc'][:10]}; s/image: median (minimum).*\n\n"
+                    + "\n".join(lines))
 
 
-def verdict(run: dict, targets: dict) -> Markdown:
-    """The run against `targets` ({processes: {"seconds", "speedup"}}, speedup over the best one-process
-    configuration of the same run, or over the first configuration for one process), and where the best
-    configuration's time goes."""
-    recs = run["records"]
-    procs = run["world_size"]
-    top, one = best(recs, procs), best(recs, 1)
-    if top is None:
-        return Markdown(f"No configuration over {procs} processes finished in this run.")
-    reference = recs[0] if procs == 1 else one
-    speedup = reference["timing"]["median_s"] / top["timing"]["median_s"]
-    lines = [f"Fastest without a cache here: **`{top['name']}`**, {top['timing']['median_s']:.3f} s per image, "
-             f"{speedup:.2f}x `{reference['name']}` ({reference['timing']['median_s']:.3f} s) of the same run."]
-    target = targets.get(procs)
-    if target and procs == 1 and recs[0]["optimizations"]:
-        lines.append(f"No speed target is judged on this run: its first configuration, `{recs[0]['name']}`, is not "
-                     "the eager bf16 baseline.")
-    elif target:
-        met = top["timing"]["median_s"] <= target["seconds"] and speedup >= target["speedup"]
-        lines.append(f"Target: <= {target['seconds']} s and >= {target['speedup']}x: **{'met' if met else 'not met'}**.")
-        if not met and procs == 1 and top["extras"].get("profile"):
-            lines.append(_room(top, min(target["seconds"], reference["timing"]["median_s"] / target["speedup"])))
-    if any("offload" in r["optimizations"] or r["extras"].get("memory_cap_gb") for r in recs):
-        lines.append("This run's rows are not rungs of one ladder: they trade time for GPU memory, and the memory "
-                     "table below compares them card by card.")
-        recs = []
-    kept, dropped = [], []
-    for r in recs:
-        before = previous(recs, r)
-        if before is not None:
+def not_helped(runs_: list[dict]) -> Markdown:
+    """Every fluxlab configuration measured within `SAME` of, or slower than, the one it changes in one optimization
+    (`previous`), in the same run: what changed, by how much, and the record file."""
+    lines = ["| Change | Configuration, against | Change in s/image | GPUs | Record |", "|---|---|---|---|---|"]
+    for run in runs_:
+        for r in run["records"]:
+            before = previous(run["records"], r)
+            if before is None or any("offload" in x["optimizations"] or x["extras"].get("memory_cap_gb")
+                                     for x in (r, before)):  # memory trades, in the memory table
+                continue
             gain = before["timing"]["median_s"] / r["timing"]["median_s"] - 1
-            (kept if gain > SAME else dropped).append(f"`{r['name']}` ({gain:+.1%} vs `{before['name']}`)")
-    if recs:
-        lines.append("Faster than the rung below: " + (", ".join(kept) or "none") + ". Not faster (within "
-                     f"{SAME:.0%} or slower): " + (", ".join(dropped) or "none") + ".")
-    for i, p in enumerate(top["extras"].get("profile") or []):
-        lines.append(f"Process {i} of `{top['name']}`, one profiled image ({p['wall_s']:.3f} s under the profiler): "
-                     f"compute {p['compute_s']:.3f} s, communication {p['communication_s']:.3f} s of which "
-                     f"{p['exposed_communication_s']:.3f} s overlaps no compute, idle {p['idle_s']:.3f} s.")
-    traffic = top["extras"].get("all_to_all")
-    if traffic:
-        lines.append(f"A bare all-to-all of one Ulysses tensor ({traffic['bytes_per_process'] / 1e6:.1f} MB per "
-                     f"process) took {traffic['ms_median']:.3f} ms in this run ({traffic['sent_gb_s']:.0f} GB/s sent "
-                     f"per process): {traffic['per_image_s']:.3f} s for one image's 4 exchanges x "
-                     "blocks x steps if none overlapped compute.")
-        if traffic.get("sweep"):
-            lines.append("The same bare all-to-all at other sizes per process: " + ", ".join(
-                f"{t['bytes_per_process'] / 1e6:.1f} MB {t['ms_median'] * 1e3:.0f} us" for t in traffic["sweep"])
-                + ".")
-    return Markdown("\n\n".join(lines))
+            if gain <= SAME:
+                added = [p for p in r["label"].split(" + ") if p not in before["label"].split(" + ")]
+                lines.append(f"| {' + '.join(added) or 'the same'} | `{r['name']}` against `{before['name']}` | {gain:+.1%} "
+                             f"({before['timing']['median_s']:.3f} → {r['timing']['median_s']:.3f} s) | "
+                             f"{r['processes']}x {r['provenance']['device_name'].removeprefix('NVIDIA ')} | "
+                             f"`{run['path']}` |")
+    return Markdown("\n".join(lines) + f"\n\n*A change counts as no gain within {SAME:.0%}: the spread of repeated "
+                    "runs of one configuration.*" if len(lines) > 2 else "*Every measured change helped.*")
+
+
+def verdicts(runs_: list[dict], targets: dict) -> Markdown:
+    """One verdict per process count that has a complete record: its fastest configuration without a cache over
+    every run whose reference suits the target (one process: the bf16 baseline; several: the same run's best
+    one-process configuration), against `targets` ({processes: {"seconds", "speedup"}})."""
+    lines = []
+    for procs, target in sorted(targets.items()):
+        candidates = []
+        for run in runs_:
+            top, one = best(run["records"], procs), best(run["records"], 1)
+            reference = run["records"][0] if procs == 1 else one
+            if run["complete"] and top and reference and (procs > 1 or not reference["optimizations"]):
+                candidates.append((top["timing"]["median_s"], top, reference, run))
+        if not candidates:
+            lines.append(f"* **{procs} GPU(s)**: no complete record yet.")
+            continue
+        _, top, reference, run = min(candidates, key=lambda c: c[0])
+        speedup = reference["timing"]["median_s"] / top["timing"]["median_s"]
+        met = top["timing"]["median_s"] <= target["seconds"] and speedup >= target["speedup"]
+        line = (f"* **{procs} GPU(s)**, target <= {target['seconds']} s and >= {target['speedup']}x: `{top['name']}` "
+                f"on {top['provenance']['device_name']}, {top['timing']['median_s']:.3f} s, {speedup:.2f}x "
+                f"`{reference['name']}` of the same run (`{run['path']}`): **{'met' if met else 'not met'}**.")
+        if not met and procs == 1 and top["extras"].get("profile"):
+            line += " " + _room(top, min(target["seconds"], reference["timing"]["median_s"] / target["speedup"]))
+        lines.append(line)
+    return Markdown("\n".join(lines))
 
 
 def _room(top: dict, needed_s: float) -> str:
@@ -200,64 +251,40 @@ def _room(top: dict, needed_s: float) -> str:
             f"encoders, idle), which now takes {median - floor:.3f} s.")
 
 
-def findings(runs_: list[dict]) -> str:
-    """What the profiles of these runs show, in sentences computed from their records: for each context-parallel
-    configuration measured with and without CUDA graphs, how its processes' idle and exposed communication time
-    changed; for each run's fastest configuration, what its GPU time is made of."""
-    lines = []
+def command(run: dict) -> str:
+    """The command line that makes a run like this one (its configurations, tag, repeats, profiling)."""
+    recs, t = run["records"], tag(run["path"])
+    names = [r["name"] for r in recs] + [f["name"] for f in run["failed"]]
+    repeats = max(len(r["timing"]["times_s"]) for r in recs)
+    launcher = f"torchrun --nproc_per_node {run['world_size']} " if run["world_size"] > 1 else "python "
+    return (launcher + "scripts/bench.py" + (f" --tag {t}" if t else "") + f" --repeats {repeats}"
+            + (" --profile" if any(r["extras"].get("profile") for r in recs) else "") + " --configs " + ",".join(names))
+
+
+def appendix(runs_: list[dict]) -> Markdown:
+    """Every benchmark file: its command, commit, date, device, whether it completed, what failed in it; and the
+    recipe each other tool ran with."""
+    lines = ["| Record | Device | Commit | Date (UTC) | Complete | Command |", "|---|---|---|---|---|---|"]
     for run in runs_:
-        recs = {r["name"]: r for r in run["records"]}
-        where = f"{run['world_size']}x {run['records'][-1]['provenance']['device_name']}"
-        for name, rec in recs.items():
-            plain = recs.get(name.removesuffix("-graphs")) if name.endswith("-graphs") else None
-            if not plain or rec["processes"] < 2 or not (rec["extras"].get("profile") and plain["extras"].get("profile")):
-                continue
-            before = _extremes(plain["extras"]["profile"])
-            after = _extremes(rec["extras"]["profile"])
-            lines.append(
-                f"* {where}, `{plain['name']}` → `{name}`: {plain['timing']['median_s']:.3f} → "
-                f"{rec['timing']['median_s']:.3f} s per image. Without graphs the most idle process idled "
-                f"{before['idle_s']:.3f} s and the most waiting one spent {before['exposed_communication_s']:.3f} s "
-                f"in NCCL with no compute beside it; with graphs {after['idle_s']:.3f} s and "
-                f"{after['exposed_communication_s']:.3f} s, while compute stayed at {before['compute_s']:.3f} → "
-                f"{after['compute_s']:.3f} s.")
-        for name, rec in recs.items():
-            nccl = recs.get(name.replace("-peer", "")) if "-peer" in name else None
-            if nccl and rec["extras"].get("profile") and nccl["extras"].get("profile"):
-                before, after = _extremes(nccl["extras"]["profile"]), _extremes(rec["extras"]["profile"])
-                trip = rec["extras"].get("all_to_all", {})
-                bare = (f" Bare, one layer's four NCCL all-to-alls took {4 * trip['ms_median'] * 1e3:.0f} us and its "
-                        f"peer exchanges {trip['peer_round_trip']['ms_median'] * 1e3:.0f} us (median, outside "
-                        "graphs)." if "peer_round_trip" in trip else "")
-                lines.append(
-                    f"* {where}, `{nccl['name']}` → `{name}` (Ulysses' exchanges as copies into the other GPU's "
-                    f"memory): {nccl['timing']['median_s']:.3f} → {rec['timing']['median_s']:.3f} s per image. "
-                    f"Communication not overlapped (the barriers, now) went {before['exposed_communication_s']:.3f} → "
-                    f"{after['exposed_communication_s']:.3f} s and idle {before['idle_s']:.3f} → {after['idle_s']:.3f} s "
-                    f"(the largest over the processes), while compute, which now holds the copies, went "
-                    f"{before['compute_s']:.3f} → {after['compute_s']:.3f} s.{bare}")
-        top = best(run["records"], run["world_size"])
-        vae = top and top["extras"].get("vae_decode_s")
-        if vae and run["world_size"] > 1:
-            lines.append(f"* {where}, `{top['name']}`: the VAE decodes the whole image on every process in {vae:.3f} s, "
-                         f"{vae / top['timing']['median_s']:.1%} of its {top['timing']['median_s']:.3f} s per image.")
-        lines += gap(run, where)
-        profile = top and top["extras"].get("profile")
-        if profile:
-            kinds = ", ".join(f"{k} {v:.3f} s" for k, v in profile[0]["kernel_s_by_kind"].items())
-            lines.append(f"* {where}, fastest without a cache, `{top['name']}` ({top['timing']['median_s']:.3f} s): "
-                         f"process 0's kernels by kind: {kinds}.")
-    return "\n".join(lines) or "*No profiled benchmark records yet.*"
+        prov = run["records"][0]["provenance"]
+        failed = "".join(f"; `{f['name']}` failed" for f in run["failed"])
+        lines.append(f"| `{run['path']}` | {run['world_size']}x {prov['device_name']} | `{prov['git_commit'][:12]}` "
+                     f"| {prov['date_utc'][:16]} | {'yes' if run['complete'] else 'no: stopped early'}{failed} "
+                     f"| `{command(run)}` |")
+    peers = {r["name"]: r["extras"]["peer"] for run in runs_ for r in run["records"] if is_peer(r)}
+    lines += ["", "| Other tool | Version | Recipe as run | Left out here |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {p['version']} | {p['recipe']} | {p['without']} |" for name, p in peers.items()]
+    return Markdown("\n".join(lines))
 
 
-def gap(run: dict, where: str) -> list[str]:
+def gap(run: dict) -> str:
     """Why a several-process run's fastest configuration is slower than the one-process time divided by the
     processes, from the profiles of both (one profiled image each): compute beyond an even share, communication
-    not overlapped, and idle time by gap size (`findings` states the VAE decode every process repeats)."""
+    not overlapped, and idle time by gap size."""
     procs, recs = run["world_size"], run["records"]
     top, one = best(recs, procs), best(recs, 1)
     if procs < 2 or not top or not one or not (top["extras"].get("profile") and one["extras"].get("profile")):
-        return []
+        return ""
     share = one["extras"]["profile"][0]["compute_s"] / procs
     ideal = one["timing"]["median_s"] / procs
     per = []
@@ -267,15 +294,19 @@ def gap(run: dict, where: str) -> list[str]:
                 "first and after the last kernel)" if idle else ""
         per.append(f"process {i}: compute {p['compute_s']:.3f} s ({p['compute_s'] - share:+.3f} s), communication "
                    f"not overlapped {p['exposed_communication_s']:.3f} s, idle {p['idle_s']:.3f} s{split}")
-    return [f"* {where}, the gap to {procs} processes: `{top['name']}` takes {top['timing']['median_s']:.3f} s where "
-            f"`{one['name']}` ({one['timing']['median_s']:.3f} s) split evenly would take {ideal:.3f} s. An even "
-            f"share of one process's compute ({one['extras']['profile'][0]['compute_s']:.3f} s, profiled) is "
-            f"{share:.3f} s; one profiled image per process: " + "; ".join(per) + "."]
+    vae = top["extras"].get("vae_decode_s")
+    vae = f" Every process also decodes the whole image in the VAE ({vae:.3f} s)." if vae else ""
+    return (f"`{top['name']}` takes {top['timing']['median_s']:.3f} s where `{one['name']}` "
+            f"({one['timing']['median_s']:.3f} s) split evenly would take {ideal:.3f} s. An even share of one "
+            f"process's compute ({one['extras']['profile'][0]['compute_s']:.3f} s, profiled) is {share:.3f} s; one "
+            "profiled image per process: " + "; ".join(per) + "." + vae)
 
 
-def _extremes(profile: list[dict]) -> dict:
-    """The largest idle, exposed communication and compute over a configuration's processes."""
-    return {k: max(p[k] for p in profile) for k in ("idle_s", "exposed_communication_s", "compute_s")}
+def fastest_run(runs_: list[dict], processes: int) -> dict | None:
+    """The complete run holding the fastest configuration without a cache on `processes` processes."""
+    found = [(best(run["records"], processes), run) for run in runs_ if run["complete"]]
+    found = [(top, run) for top, run in found if top]
+    return min(found, key=lambda pair: pair[0]["timing"]["median_s"])[1] if found else None
 
 
 CARDS_GB = (12, 16, 24, 48, 80)

@@ -30,6 +30,23 @@ def cpu_note(rec: dict) -> str:
     return f"*{CPU_NOTE}*\n\n" if rec["settings"]["device"] == "cpu" else ""
 
 
+def cache_note(recs: list[dict]) -> str:
+    """Why a First Block Cache record of random weights saved nothing: how far the first block's output moved
+    between steps, against the threshold, read off the record's cache decisions (empty where none skipped nothing
+    on random weights)."""
+    lines = []
+    for r in recs:
+        cache = r["cache"]
+        diffs = [d for d in (cache or {}).get("diffs", []) if d is not None]
+        if r["random_weights"] and cache and not cache["skipped"] and diffs:
+            lines.append(f"`{r['name']}` ({r['model_source']}) computed all {cache['steps']} steps: between steps, "
+                         f"the first block's output moved by {min(diffs):.2f} to {max(diffs):.2f} of its size, "
+                         f"above the threshold {cache['threshold']:g}. Random weights carry no image that settles "
+                         "from step to step, so the cache only adds its check; its saving must be measured on the "
+                         "real model's weights.")
+    return "\n\n".join(lines)
+
+
 def _fmt(x, spec=".2f", none="—"):
     return none if x is None else format(x, spec)
 

@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 import fluxlab
-from fluxlab import compare, report
+from fluxlab import compare, records, report
+
+from conftest import ROOT
 
 
 def _two(tmp_path, tiny, tiny_pipe, chapter="t"):
@@ -95,3 +97,14 @@ def test_source_code_shows_objects_and_whole_files(tmp_path):
     shown = report.source_code(report.speedup_text, kernel).data
     assert shown.count("```python\n") == 2
     assert "def speedup_text(" in shown and "@triton.jit\ndef k(x):\n    pass\n```" in shown
+
+
+def test_the_cache_note_says_why_random_weights_skip_nothing():
+    rec = next(r for r in records.read_folder(ROOT / "book" / "published" / "results")
+               if r["cache"] and r["random_weights"] and not r["cache"]["skipped"])
+    diffs = [d for d in rec["cache"]["diffs"] if d is not None]
+    note = report.cache_note([rec])
+    assert f"computed all {rec['cache']['steps']} steps" in note
+    assert f"moved by {min(diffs):.2f} to {max(diffs):.2f} of its size, above the threshold" in note
+    tiny = dict(rec, random_weights=False)
+    assert report.cache_note([tiny]) == ""  # trained weights: the chapters' tables show what it skipped
