@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The library alone, as a server or another pipeline installs it: no notebook stack (tests/test_core_install.py).
+CORE_STAMP := .venv-core/.installed
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: book lab publish test adherence clean
@@ -17,6 +19,12 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -e '.[book,serve,test,peers]'
 	touch $(STAMP)
+
+$(CORE_STAMP): pyproject.toml requirements.txt
+	rm -rf .venv-core
+	$(PYTHON) -m venv .venv-core
+	.venv-core/bin/python -m pip install -q -r requirements.txt '.[serve]'
+	touch $(CORE_STAMP)
 
 book: $(STAMP)
 	$(BIN)/python scripts/run_book.py $(ARGS)
@@ -28,11 +36,11 @@ publish: $(STAMP)
 	$(BIN)/python scripts/run_book.py --out book/published --build-only --path-output _build/published \
 		--title "Status of the published GPU book"
 
-test: $(STAMP)
+test: $(STAMP) $(CORE_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 adherence: $(STAMP)
 	$(BIN)/python scripts/adherence.py $(ARGS)
 
 clean:
-	rm -rf _build book/local
+	rm -rf _build book/local .venv-core

@@ -3,9 +3,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from IPython.display import Markdown
-
-from .settings import transformer_config
+from .settings import check_full_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "book" / "chapters.toml"
@@ -35,35 +33,16 @@ def runs(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def full_size(source) -> bool:
-    """FLUX.1-dev's size (a 3072-wide transformer), read from the source's config without loading weights."""
-    config = transformer_config(source)
-    return config["num_attention_heads"] * config["attention_head_dim"] >= 3072
-
-
-def check_full_size(need_gb, source, device, what: str) -> None:
-    """Refuse the full-size model (FLUX.1-dev's size, any source) on a CPU, or on a GPU with less than `need_gb` GB;
-    `what` names who needs it in the message. Other sources pass."""
-    if not need_gb or not full_size(source):
-        return
-    if device.type != "cuda":
-        raise ValueError(f"{what} with the full-size model needs a CUDA GPU with {need_gb} GB (it holds "
-                         f"FLUX.1-dev's 12 B parameters); on {device.type} use model_source='tiny'.")
-    import torch
-
-    have = torch.cuda.get_device_properties(device).total_memory / 1e9
-    if have < need_gb:
-        raise ValueError(f"{what} with the full-size model needs {need_gb} GB of GPU memory; "
-                         f"{torch.cuda.get_device_name(device)} has {have:.0f} GB.")
-
-
 def check_device(ch: dict, source, device) -> None:
     """Refuse a chapter that cannot run here: the full-size model on a CPU, or on a GPU with too little memory."""
     check_full_size(ch.get("gpu_memory_gb"), source, device, f"chapter {ch['name']}")
 
 
-def needs(name: str, results_dir: str | Path) -> Markdown:
-    """What the chapter needs and how long it took: the published GPU run and this folder's last run."""
+def needs(name: str, results_dir: str | Path):
+    """What the chapter needs and how long it took: the published GPU run and this folder's last run (Markdown for
+    the notebook; IPython comes with the notebook stack, imported here so that `import fluxlab` needs none)."""
+    from IPython.display import Markdown
+
     ch = chapter(name)
     if ch.get("gpu_memory_gb"):
         hardware = (f"a CPU (the bundled `tiny` pipeline) or, for the full-size model, a CUDA GPU with "

@@ -2,11 +2,15 @@
 what did not help, what fits a smaller card, one verdict per process count against the page's targets, and the
 records' appendix."""
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
-from IPython.display import Markdown
 
 from . import records
+from .report import markdown
+
+if TYPE_CHECKING:
+    from IPython.display import Markdown
 
 KIND_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#4c72b0",
                 "fused elementwise / quantization (triton)": "#55a868", "communication": "#8172b3",
@@ -120,7 +124,7 @@ def _seconds(rec: dict) -> str:
     return f"{t['median_s']:.3f} ({t['min_s']:.3f})"
 
 
-def headline(runs_: list[dict]) -> Markdown:
+def headline(runs_: list[dict]) -> "Markdown":
     """Per GPU, from one run each: the bf16 baseline, fluxlab's fastest configuration and each other tool's recipe
     (or the error it failed with): s/image, ratio to the baseline, cold start, peak memory, latents error."""
     lines = ["| GPU | Configuration | s/image | vs bf16 | Cold start (s) | Peak GB | Latents vs bf16 |",
@@ -140,13 +144,13 @@ def headline(runs_: list[dict]) -> Markdown:
         for f in run["failed"]:
             lines.append(f"| {gpu} | **failed**: `{f['name']}` | — | — | — | — | {f['stage']}: {f['error'][:160]} |")
     if len(lines) == 2:
-        return Markdown("*No benchmark run has measured other tools yet.*")
+        return markdown("*No benchmark run has measured other tools yet.*")
     note = ("s/image: median (minimum) of 3 timed calls after one untimed call (the cold start, compilation "
             "included); text encoding, 28 steps and VAE decode at 1024x1024 on flux-dev-random; each row loads a "
             "fresh pipeline; ratios within one run. Latents vs bf16: distance of the final latents from the run's bf16 "
             "baseline, relative to its norm (random weights: numerics, not image quality). Each tool's recipe as run, "
             "and what it leaves out here, is in the appendix.")
-    return Markdown("\n".join(lines) + f"\n\n*{note}*")
+    return markdown("\n".join(lines) + f"\n\n*{note}*")
 
 
 def plot(runs_: list[dict]):
@@ -172,14 +176,14 @@ def plot(runs_: list[dict]):
     return fig
 
 
-def steps(recs: list[dict]) -> Markdown:
+def steps(recs: list[dict]) -> "Markdown":
     """A chapter's newest run as a ladder: each configuration without a cache or offload, in the order it ran,
     against the run's first (the bf16 baseline) and the row above."""
     run_id = recs[-1]["provenance"]["run_id"] if recs else None
     rows = [r for r in recs if r["provenance"]["run_id"] == run_id and not r["cache"] and r["processes"] == 1
             and "offload" not in r["optimizations"] and not r["name"].startswith("tiny-")]
     if not rows:
-        return Markdown("*No ladder recorded yet.*")
+        return markdown("*No ladder recorded yet.*")
     base = rows[0]
     lines = ["| Step | s/image | vs bf16 | This step |", "|---|---|---|---|"]
     for before, r in zip([None, *rows], rows):
@@ -187,12 +191,12 @@ def steps(recs: list[dict]) -> Markdown:
         lines.append(f"| {r['label']} | {_seconds(r)} | {base['timing']['median_s'] / r['timing']['median_s']:.2f}x "
                      f"| {step} |")
     prov = base["provenance"]
-    return Markdown(f"*{prov['device_name']}, {base['model_source']}, chapter `{base['chapter']}`, commit "
+    return markdown(f"*{prov['device_name']}, {base['model_source']}, chapter `{base['chapter']}`, commit "
                     f"`{prov['git_commit'][:12]}`, {prov['date_utc'][:10]}; s/image: median (minimum).*\n\n"
                     + "\n".join(lines))
 
 
-def not_helped(runs_: list[dict]) -> Markdown:
+def not_helped(runs_: list[dict]) -> "Markdown":
     """Every fluxlab configuration measured within `SAME` of, or slower than, the one it changes in one optimization
     (`previous`), in the same run: what changed, by how much, and the record file."""
     lines = ["| Change | Configuration, against | Change in s/image | GPUs | Record |", "|---|---|---|---|---|"]
@@ -209,11 +213,11 @@ def not_helped(runs_: list[dict]) -> Markdown:
                              f"({before['timing']['median_s']:.3f} → {r['timing']['median_s']:.3f} s) | "
                              f"{r['processes']}x {r['provenance']['device_name'].removeprefix('NVIDIA ')} | "
                              f"`{run['path']}` |")
-    return Markdown("\n".join(lines) + f"\n\n*A change counts as no gain within {SAME:.0%}: the spread of repeated "
+    return markdown("\n".join(lines) + f"\n\n*A change counts as no gain within {SAME:.0%}: the spread of repeated "
                     "runs of one configuration.*" if len(lines) > 2 else "*Every measured change helped.*")
 
 
-def verdicts(runs_: list[dict], targets: dict) -> Markdown:
+def verdicts(runs_: list[dict], targets: dict) -> "Markdown":
     """One verdict per process count that has a complete record: its fastest configuration without a cache over
     every run whose reference suits the target (one process: the bf16 baseline; several: the same run's best
     one-process configuration), against `targets` ({processes: {"seconds", "speedup"}})."""
@@ -237,7 +241,7 @@ def verdicts(runs_: list[dict], targets: dict) -> Markdown:
         if not met and procs == 1 and top["extras"].get("profile"):
             line += " " + _room(top, min(target["seconds"], reference["timing"]["median_s"] / target["speedup"]))
         lines.append(line)
-    return Markdown("\n".join(lines))
+    return markdown("\n".join(lines))
 
 
 def _room(top: dict, needed_s: float) -> str:
@@ -261,7 +265,7 @@ def command(run: dict) -> str:
             + (" --profile" if any(r["extras"].get("profile") for r in recs) else "") + " --configs " + ",".join(names))
 
 
-def appendix(runs_: list[dict]) -> Markdown:
+def appendix(runs_: list[dict]) -> "Markdown":
     """Every benchmark file: its command, commit, date, device, whether it completed, what failed in it; and the
     recipe each other tool ran with."""
     lines = ["| Record | Device | Commit | Date (UTC) | Complete | Command |", "|---|---|---|---|---|---|"]
@@ -274,7 +278,7 @@ def appendix(runs_: list[dict]) -> Markdown:
     peers = {r["name"]: r["extras"]["peer"] for run in runs_ for r in run["records"] if is_peer(r)}
     lines += ["", "| Other tool | Version | Recipe as run | Left out here |", "|---|---|---|---|"]
     lines += [f"| `{name}` | {p['version']} | {p['recipe']} | {p['without']} |" for name, p in peers.items()]
-    return Markdown("\n".join(lines))
+    return markdown("\n".join(lines))
 
 
 def gap(run: dict) -> str:
@@ -313,12 +317,12 @@ CARDS_GB = (12, 16, 24, 48, 80)
 CONTEXT_GB = 1.0  # headroom for the CUDA context and libraries, outside PyTorch's allocator (an allowance)
 
 
-def memory_table(runs_: list[dict]) -> Markdown:
+def memory_table(runs_: list[dict]) -> "Markdown":
     """For each card size, the fastest one-process configuration that fits: run under a cap of at most that many GB,
     or with peak reserved memory (plus `CONTEXT_GB`) within it; then every measured configuration's footprint."""
     recs = [r for run in runs_ for r in run["records"] if r["processes"] == 1 and r["peak_mem_gb"] is not None]
     if not recs:
-        return Markdown("*No benchmark record with GPU memory yet.*")
+        return markdown("*No benchmark record with GPU memory yet.*")
 
     def footprint(r):
         return r["extras"].get("peak_reserved_gb") or r["peak_mem_gb"]
@@ -344,7 +348,7 @@ def memory_table(runs_: list[dict]) -> Markdown:
             "(`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more than "
             "the allowance for the CUDA context beside the cap, so the run itself shows the configuration fits. "
             "Loading and quantizing ran uncapped. Times on a smaller card's own GPU differ from these.")
-    return Markdown("\n".join(lines) + f"\n\n*{note}*")
+    return markdown("\n".join(lines) + f"\n\n*{note}*")
 
 
 def _capped_within(rec: dict, card: float) -> bool:
@@ -357,7 +361,7 @@ def _cap(rec: dict) -> str:
     return f"{cap:g} GB: completed" if cap else "—"
 
 
-def memory_verdict(runs_: list[dict], targets: dict) -> Markdown:
+def memory_verdict(runs_: list[dict], targets: dict) -> "Markdown":
     """`targets` ({card GB: slowdown allowed over the same run's fastest configuration, or None: it need only
     complete}) against the one-process configurations run under a cap of at most that many GB."""
     lines = []
@@ -377,4 +381,4 @@ def memory_verdict(runs_: list[dict], targets: dict) -> Markdown:
                      f"({len(r['timing']['times_s'])} timed call(s)), peak {r['peak_mem_gb']:.1f} GB allocated, "
                      f"{ratio:.2f}x `{fastest['name']}` ({fastest['timing']['median_s']:.3f} s) of the same run: "
                      f"**{'met' if met else 'not met'}**.")
-    return Markdown("\n".join(lines))
+    return markdown("\n".join(lines))

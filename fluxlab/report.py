@@ -1,17 +1,35 @@
 """Tables, plots and image grids, all built from records (`fluxlab.records`); which records compare is
 `fluxlab.compare`'s business."""
 import inspect
+from typing import TYPE_CHECKING
 import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from IPython.display import Markdown, display
 from PIL import Image, ImageDraw
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from . import compare, figures
+
+if TYPE_CHECKING:
+    from IPython.display import Markdown
+
+
+def markdown(text: str) -> "Markdown":
+    """Text a notebook renders as Markdown (IPython comes with the notebook stack, the `book` extra: imported when a
+    page asks, so that `import fluxlab` needs no notebook stack)."""
+    from IPython.display import Markdown
+
+    return Markdown(text)
+
+
+def show(*objects) -> None:
+    """Display each object in the notebook's output."""
+    from IPython.display import display
+
+    display(*objects)
 
 RANDOM_NOTE = ("`flux-dev-random` has FLUX.1-dev's architecture with random weights: its timings are the real "
                "model's cost, but its images are noise and its cache hit rates say nothing about the real model.")
@@ -109,7 +127,7 @@ def _notes(recs: list[dict], extra: list[str] = ()) -> str:
     return "<details><summary>About this table</summary>\n\n" + "\n\n".join(notes) + "\n\n</details>"
 
 
-def table(recs: list[dict], folder: str | Path, baseline: dict | None = None) -> Markdown:
+def table(recs: list[dict], folder: str | Path, baseline: dict | None = None) -> "Markdown":
     """The results table: one compact row per record, what they share in the caption, notes folded away."""
     rows = [row(r, folder, baseline) for r in recs]
     scored = any(r["adherence"] for r in rows)
@@ -119,13 +137,13 @@ def table(recs: list[dict], folder: str | Path, baseline: dict | None = None) ->
     for r in rows:
         lines.append("| " + " | ".join([r["label"], str(r["processes"]), *_cells(r)]
                                        + [r["adherence"] or "—"] * scored) + " |")
-    return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + "\n\n" + _notes(recs))
+    return markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + "\n\n" + _notes(recs))
 
 
-def memory_cost(recs: list[dict]) -> Markdown:
+def memory_cost(recs: list[dict]) -> "Markdown":
     """Time against GPU memory: s/image, the ratio to the first record, and the timed calls' peak allocated memory."""
     if recs[0]["peak_mem_gb"] is None:
-        return Markdown(f"*Peak GPU memory needs a GPU: these records ran on {recs[0]['provenance']['device_name']}.*")
+        return markdown(f"*Peak GPU memory needs a GPU: these records ran on {recs[0]['provenance']['device_name']}.*")
     first = recs[0]["timing"]["median_s"]
     lines = ["| Configuration | s/image | vs first row | Peak allocated (GB) |", "|---|---|---|---|"]
     for r in recs:
@@ -134,10 +152,10 @@ def memory_cost(recs: list[dict]) -> Markdown:
     note = ("Peak allocated: the most PyTorch held in tensors during the timed calls. What its allocator reserved "
             "besides, from earlier in this process, could be handed back; the performance page runs each "
             "configuration under a cap instead.")
-    return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + f"\n\n*{note}*")
+    return markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + f"\n\n*{note}*")
 
 
-def step_cost_table(recs: list[dict]) -> Markdown:
+def step_cost_table(recs: list[dict]) -> "Markdown":
     """Per record with step costs: skipped steps, s/image, and the median cost of a computed and a skipped step."""
     lines = ["| Configuration | Skipped steps | s/image | Computed step (ms) | Skipped step (ms) | Skipped / computed |",
              "|---|---|---|---|---|---|"]
@@ -148,7 +166,7 @@ def step_cost_table(recs: list[dict]) -> Markdown:
                      f"| {_fmt(c['computed_ms'], '.1f')} | {_fmt(c['skipped_ms'], '.1f')} | {ratio} |")
     note = ("Each denoising step (transformer call) of one extra call after the timed ones, timed on the device; a "
             "skipped step still runs the first block and the cache's decision.")
-    return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + f"\n\n*{note}*")
+    return markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + f"\n\n*{note}*")
 
 
 def step_cost(rec: dict) -> dict:
@@ -233,22 +251,22 @@ def threshold_explorer(recs: list[dict], folder: str | Path, live: bool):
 
     out = widgets.Output()
 
-    def show(index):
+    def select(index):
         rec = recs[index]
         out.clear_output(wait=True)
         with out:
             cache = rec["cache"]
             skipped = f"{cache['skipped']}/{cache['steps']} steps skipped" if cache else "no cache"
             print(f"{rec['label']}: {rec['timing']['median_s']:.3f} s/image, {skipped} ({rec['model_source']})")
-            display(image(rec, folder).resize((384, 384)))
+            show(image(rec, folder).resize((384, 384)))
 
     slider = widgets.SelectionSlider(options=[(r["label"], i) for i, r in enumerate(recs)], description="threshold")
-    widgets.interactive_output(show, {"index": slider})
-    show(0)
+    widgets.interactive_output(select, {"index": slider})
+    select(0)
     return widgets.VBox([slider, out])
 
 
-def serving_table(one_shot: dict, served: dict) -> Markdown:
+def serving_table(one_shot: dict, served: dict) -> "Markdown":
     """A pool's per-request latency against the chapter's own timed call, and what a one-shot job pays first."""
     t, c = served["timing"], one_shot["timing"]
     lines = ["| Measured | Seconds |", "|---|---|",
@@ -265,10 +283,10 @@ def serving_table(one_shot: dict, served: dict) -> Markdown:
     note = (f"Same configuration, same processes, same run ({served['processes']} process(es), {where([served])}). "
             f"The pool answers in {t['median_s'] / c['median_s'] - 1:+.1%} of the chapter's timed call, PNG "
             "encoding and the hand-over between processes included; torchrun's own start is not included.")
-    return Markdown("\n".join(lines) + f"\n\n*{note}*")
+    return markdown("\n".join(lines) + f"\n\n*{note}*")
 
 
-def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) -> Markdown:
+def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) -> "Markdown":
     """The article's closing table: each declared row (`{"row", "needs", "processes", "article"}`) with the record
     that matches what it applies (`fluxlab.compare.find`), against the plain pipeline of that record's own run,
     beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
@@ -293,7 +311,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
                "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
                "speedups are over the plain pipeline of the same chapter run, whose median the cell gives.")
-    return Markdown(head + "\n".join(lines) + "\n\n" + _notes(found, [article]))
+    return markdown(head + "\n".join(lines) + "\n\n" + _notes(found, [article]))
 
 
 def status_page(records: list[dict], chapters: list[dict], title: str, bench: list[dict] = ()) -> str:
@@ -337,10 +355,10 @@ def status_page(records: list[dict], chapters: list[dict], title: str, bench: li
     return "\n".join(lines) + "\n"
 
 
-def source_code(*objects) -> Markdown:
+def source_code(*objects) -> "Markdown":
     """The source of fluxlab's own pieces, shown in a chapter that introduces them; a file's path stands for its
     whole text (a module that cannot be imported here, e.g. a Triton kernel where there is no CUDA)."""
-    return Markdown("\n".join(f"```python\n{o.read_text() if isinstance(o, Path) else inspect.getsource(o)}```"
+    return markdown("\n".join(f"```python\n{o.read_text() if isinstance(o, Path) else inspect.getsource(o)}```"
                               for o in objects))
 
 
@@ -349,10 +367,10 @@ def where_time_goes(recs: list[dict]) -> None:
     (a figure and a sentence each), where the records were profiled."""
     profiled = [r for r in recs if r["extras"].get("profile")]
     if not profiled:
-        display(Markdown("*No kernel timeline here: the profile needs CUDA GPUs.*"))
+        show(markdown("*No kernel timeline here: the profile needs CUDA GPUs.*"))
         return
     fig = figures.rank_time(profiled)
-    display(fig)
+    show(fig)
     plt.close(fig)
     lines = []
     for r in profiled:
@@ -361,10 +379,10 @@ def where_time_goes(recs: list[dict]) -> None:
                  for i, p in enumerate(r["extras"]["profile"])]
         lines.append(f"* **{r['label']}** (timed {r['timing']['median_s']:.3f} s; one more image under the profiler): "
                      + "; ".join(parts) + ".")
-    display(Markdown("\n".join(lines)))
+    show(markdown("\n".join(lines)))
 
 
-def scaling_table(recs: list[dict]) -> Markdown:
+def scaling_table(recs: list[dict]) -> "Markdown":
     """The newest run of each process count, each row against the one-process baseline of its own run."""
     by_run = {}
     for r in recs:
@@ -382,4 +400,4 @@ def scaling_table(recs: list[dict]) -> Markdown:
             ratio = "—" if base is None else f"{base['timing']['median_s'] / r['timing']['median_s']:.2f}x"
             lines.append(f"| {r['processes']} | {r['label']} | {r['timing']['median_s']:.3f} "
                          f"({r['timing']['min_s']:.3f}) | {ratio} |")
-    return Markdown(f"*{where(recs)}*\n\n" + "\n".join(lines))
+    return markdown(f"*{where(recs)}*\n\n" + "\n".join(lines))

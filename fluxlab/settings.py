@@ -204,3 +204,23 @@ def _short(value) -> str:
 def check_threshold(threshold) -> float:
     return check_number("cache threshold", threshold, 0.0, 1.0,
                         " (0 caches nothing, 1 skips every step after the first; the article uses 0.06-0.12)")
+
+
+def full_size(source) -> bool:
+    """FLUX.1-dev's size (a 3072-wide transformer), read from the source's config without loading weights."""
+    config = transformer_config(source)
+    return config["num_attention_heads"] * config["attention_head_dim"] >= 3072
+
+
+def check_full_size(need_gb, source, device, what: str) -> None:
+    """Refuse the full-size model (FLUX.1-dev's size, any source) on a CPU, or on a GPU with less than `need_gb` GB;
+    `what` names who needs it in the message. Other sources pass."""
+    if not need_gb or not full_size(source):
+        return
+    if device.type != "cuda":
+        raise ValueError(f"{what} with the full-size model needs a CUDA GPU with {need_gb} GB (it holds "
+                         f"FLUX.1-dev's 12 B parameters); on {device.type} use model_source='tiny'.")
+    have = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if have < need_gb:
+        raise ValueError(f"{what} with the full-size model needs {need_gb} GB of GPU memory; "
+                         f"{torch.cuda.get_device_name(device)} has {have:.0f} GB.")

@@ -43,8 +43,8 @@ def test_flux_dev_random_has_the_real_architecture():
     assert count == dict(transformer=11_901_408_320, vae=83_819_683, text_encoder=123_060_480,
                          text_encoder_2=4_762_310_656)
     assert len(pipe.transformer.transformer_blocks) == 19 and len(pipe.transformer.single_transformer_blocks) == 38
-    assert fluxlab.book.full_size(fluxlab.check_settings("flux-dev-random").source)
-    assert not fluxlab.book.full_size(fluxlab.check_settings("tiny").source)
+    assert fluxlab.settings.full_size(fluxlab.check_settings("flux-dev-random").source)
+    assert not fluxlab.settings.full_size(fluxlab.check_settings("tiny").source)
 
 
 def test_tiny_weights_are_safetensors_only():

@@ -303,7 +303,8 @@ def test_server_options_are_checked_before_any_process_starts(args, message):
 
 def test_streaming_weights_lowers_the_gpu_memory_the_server_asks_for():
     from fluxlab.app import gpu_need_gb
-    assert gpu_need_gb(PoolConfig()) == gpu_need_gb(PoolConfig(offload="encoders")) == 40  # bf16: the chapters' need
+    need = fluxlab.book.chapter("04_context_parallel")["gpu_memory_gb"]  # bf16: what the chapters declare
+    assert gpu_need_gb(PoolConfig()) == gpu_need_gb(PoolConfig(offload="encoders")) == need
     assert gpu_need_gb(PoolConfig(fp8="rowwise", offload="encoders")) == 16
     assert gpu_need_gb(PoolConfig(fp8="rowwise", offload="group")) == gpu_need_gb(PoolConfig(offload="sequential")) == 8
 
