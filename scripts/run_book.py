@@ -246,6 +246,9 @@ def run_chapter(chapter: dict, params: dict, out: Path, staging_root: Path, npro
     for f in sorted((staging / "results").iterdir()):
         os.replace(f, out / "results" / f.name)
         written.append(f.name)
+    for old in (out / "results").glob(f"{name}--*"):  # what an earlier run of the chapter wrote and this one did not
+        if old.name not in written:
+            old.unlink()
     os.replace(staging / f"{name}.ipynb", out / f"{name}.ipynb")
     shutil.rmtree(staging)
     return written

@@ -80,6 +80,13 @@ def test_small_runs_that_used_to_crash_now_run(out):
 
 
 def test_a_second_run_into_the_same_folder_stops_at_once(out):
+    """... and a run that completes replaces the chapter's records: one an earlier run wrote and this one did not
+    goes."""
+    (out / "results").mkdir(parents=True)
+    stale, other = out / "results" / "01_baseline--gone.json", out / "results" / "02_first_block_cache--kept.json"
+    published = ROOT / "book" / "published" / "results"
+    stale.write_text((published / "01_baseline--baseline.json").read_text())
+    other.write_text((published / "02_first_block_cache--baseline.json").read_text())
     first = subprocess.Popen([sys.executable, str(RUNNER), "--out", str(out), "--chapters", "01_baseline",
                               "--no-build"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -95,6 +102,7 @@ def test_a_second_run_into_the_same_folder_stops_at_once(out):
         stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
     assert records.read(out / "results" / "01_baseline--baseline.json")[0]["provenance"]["run_id"]
+    assert not stale.exists() and other.exists()
 
 
 @pytest.mark.slow
