@@ -185,10 +185,12 @@ def steps(recs: list[dict]) -> "Markdown":
     if not rows:
         return markdown("*No ladder recorded yet.*")
     base = rows[0]
-    lines = ["| Step | s/image | vs bf16 | This step |", "|---|---|---|---|"]
+    lines = ["| Step (what it adds to the row above) | s/image | vs bf16 | This step |", "|---|---|---|---|"]
     for before, r in zip([None, *rows], rows):
         step = "—" if before is None else f"{before['timing']['median_s'] / r['timing']['median_s'] - 1:+.1%}"
-        lines.append(f"| {r['label']} | {_seconds(r)} | {base['timing']['median_s'] / r['timing']['median_s']:.2f}x "
+        what = r["label"] if before is None else "+ " + " + ".join(
+            p for p in r["label"].split(" + ") if p not in before["label"].split(" + "))
+        lines.append(f"| {what} | {_seconds(r)} | {base['timing']['median_s'] / r['timing']['median_s']:.2f}x "
                      f"| {step} |")
     prov = base["provenance"]
     return markdown(f"*{prov['device_name']}, {base['model_source']}, chapter `{base['chapter']}`, commit "

@@ -105,3 +105,12 @@ def test_cross_references_are_links_to_chapters(path):
         for m in re.finditer(r"(?i)chapter \d", text):
             assert text[m.start() - 1] == "[" and text[m.end()] == "]", \
                 f"{path.name}: '{m.group()}' is not a link to the chapter"
+
+
+def test_the_performance_page_is_short_and_judges_once_per_process_count():
+    """A reader's page: at most 700 words of prose, and one call that states the target verdicts."""
+    path = ROOT / "notebooks" / "06_performance.ipynb"
+    prose = " ".join(c.source for c in cells(path) if c.cell_type == "markdown")
+    assert len(re.sub(r"```.*?```", " ", prose, flags=re.S).split()) <= 700
+    code = " ".join(c.source for c in cells(path) if c.cell_type == "code")
+    assert code.count("fluxlab.ladder.verdicts(") == 1 and "for run in runs" not in code
