@@ -273,6 +273,7 @@ def main():
             failed.append(failure(name, stage.get("now", "load"), err, settings.device))
             print(f"{name}: FAILED, recorded and skipped: {failed[-1]['error']}", flush=True)
             rec = None
+            parallel.barrier()  # the one the failed configuration did not reach, where the other processes wait
         release(settings.device)
         if rec:
             done.append(rec)
