@@ -172,3 +172,27 @@ def test_the_headline_puts_each_gpu_s_baseline_fastest_and_other_tools_side_by_s
     assert ladder.best(runs[0]["records"], 1)["name"] == "compile"  # other tools are not fluxlab's fastest
     assert "| `peer-cache-dit` | 1.5.3 | its API | its cache |" in ladder.appendix(runs).data
     assert ladder.plot(runs).axes  # one panel per run
+
+
+def test_a_failing_configuration_is_recorded_and_the_run_goes_on(tmp_path):
+    # On a CPU, torchao refuses FP8 dynamic quantization: flux-fast's recipe fails in its own calls, on process 0
+    # while process 1 waits; both go on together with the next configuration.
+    result = torchrun(2, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs",
+                      "baseline,peer-flux-fast,cp", "--warmup", "1", "--repeats", "1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = tmp_path / "bench-2gpu.json"
+    assert [r["name"] for r in records.read(path)] == ["baseline", "cp"]
+    (failed,) = records.failures(path)
+    assert failed["name"] == "peer-flux-fast" and failed["stage"] == "apply"
+    assert failed["error"].startswith("AssertionError: Float8 dynamic quantization requires CUDA")
+    assert failed["provenance"]["git_commit"] and "peer-flux-fast             FAILED" in result.stdout
+    (run,) = ladder.runs(tmp_path)
+    assert run["failed"] == [failed]
+    assert "peer-flux-fast" in ladder.command(run) and "`peer-flux-fast` failed" in ladder.appendix([run]).data
+
+
+def test_a_failing_reference_ends_the_run_without_a_results_file(tmp_path):
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs",
+                      "peer-flux-fast,baseline", "--warmup", "1", "--repeats", "1", "--out", tmp_path)
+    assert result.returncode != 0 and "Float8 dynamic quantization requires CUDA" in result.stderr
+    assert not (tmp_path / "bench-1gpu.json").exists()
