@@ -15,12 +15,15 @@ Peers (`peer-flux-fast`, `peer-cache-dit`, `peer-para-attention`) apply another 
 A one-process configuration that fails (an error, out of memory) is recorded as failed with its error and the run
 goes on; a failing context-parallel configuration, or a failing first configuration (the reference), ends the run.
 Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; records and failures, `fluxlab.records`)
-when the run ends; progress goes to the same name ending in `.partial.json` after each configuration.
+when the run ends; progress goes to the same name ending in `.partial.json` after each configuration (with the
+latents references beside it). On one process, `--resume` goes on with an interrupted run's progress file on the
+same GPU (a machine kept between calls whose time is limited): its records keep the run's id.
 """
 import argparse
 import gc
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -32,6 +35,7 @@ os.environ.setdefault("FLUXLAB_PROGRESS", "0")  # no denoising progress bars in 
 import fluxlab  # noqa: E402
 from fluxlab import ladder, parallel, peers, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
 CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
@@ -201,6 +205,45 @@ def failure(name: str, stage: str, err: BaseException, device: torch.device) -> 
                 f"{first_line}".rstrip(": "), provenance=records.provenance(device, 1))
 
 
+RESUME_WITHIN_S = 1800  # a GPU machine is lent for at most 30 minutes at a time
+
+
+def save_references(path: Path, references: dict) -> None:
+    """The run's latents references ({precision: (name, latents)}) beside its progress file, for --resume."""
+    save_file({precision: latents for precision, (_, latents) in references.items()}, str(path),
+              metadata={precision: name for precision, (name, _) in references.items()})
+
+
+def resume(partial: Path, names: list[str], device: torch.device) -> tuple[list, list, dict]:
+    """An interrupted run's records, failures and latents references, checked against this run's configurations and
+    GPU; the records made from here on keep its run id."""
+    if not partial.exists():
+        raise ValueError(f"--resume: no progress file {partial}")
+    done = [{k: v for k, v in r.items() if k != "_path"} for r in records.read(partial)]
+    failed = records.failures(partial)
+    ran = [r["name"] for r in done] + [f["name"] for f in failed]
+    if ran != names[:len(ran)]:
+        raise ValueError(f"--resume: the progress file ran {ran}, not the first of --configs {names}")
+    here = records.provenance(device, 1)["device_name"]
+    if done and done[0]["provenance"]["device_name"] != here:
+        raise ValueError(f"--resume: the progress file ran on {done[0]['provenance']['device_name']}, this is {here}")
+    age = time.time() - partial.stat().st_mtime
+    if age > RESUME_WITHIN_S:  # then it ran on another machine, or the same one in another sitting
+        raise ValueError(f"--resume: the progress file is {age / 60:.0f} minutes old; a run goes on within "
+                         f"{RESUME_WITHIN_S // 60} minutes, on the machine that began it")
+    references = {}
+    latents = partial.with_suffix(".latents.safetensors")
+    if latents.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(latents), "pt") as f:
+            names_by_precision = f.metadata()
+        references = {p: (names_by_precision[p], t) for p, t in load_file(str(latents)).items()}
+    if done:
+        records.RUN_ID = done[0]["provenance"]["run_id"]
+    return done, failed, references
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="baseline,compile,fp8,fp8-graphs",
@@ -213,6 +256,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "book" / "results"))
     parser.add_argument("--tag", default="", help="a second run of the same process count: bench-<N>gpu-<tag>.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the progress file of an interrupted one-process run on the same GPU")
     parser.add_argument("--profile", action="store_true",
                         help="per process: compute / exposed communication / idle of one image; bare all-to-all")
     args = parser.parse_args()
@@ -231,6 +276,8 @@ def main():
         for name in names:
             kwargs = optimize_kwargs(name, max(world_size, 2))[1]
             fluxlab.check_options(**{k: v for k, v in kwargs.items() if k in CHECKED}, device=settings.device)
+        if args.resume and world_size > 1:
+            raise ValueError("--resume goes on with a one-process run")
         if any(LADDER[c][0] == ALL for c in names):
             if world_size < 2:
                 raise ValueError("context-parallel configurations need torchrun with 2 or more processes")
@@ -262,7 +309,15 @@ def main():
     final = Path(args.out) / ladder.bench_file(world.world_size, args.tag)
     partial = final.with_name(final.stem + ".partial.json")
     done, failed, references = [], [], {}
+    if args.resume:
+        try:
+            done, failed, references = resume(partial, names, settings.device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    ran = {r["name"] for r in done} | {f["name"] for f in failed}
     for i, name in enumerate(names):
+        if name in ran:
+            continue
         stage = {}
         try:
             rec = run_config(name, settings, world, args, references, traffic, stage)
@@ -279,10 +334,12 @@ def main():
             done.append(rec)
         if world.is_main and (rec or failed):
             records.write(partial, done, failed)  # progress, apart from the last complete file
+            save_references(partial.with_suffix(".latents.safetensors"), references)
     if not world.is_main:
         return
     records.write(final, done, failed)
     partial.unlink()
+    partial.with_suffix(".latents.safetensors").unlink(missing_ok=True)
     reference = done[0]["timing"]["median_s"]
     print(f"\n{'config':<26}{'procs':>6}{'median s':>10}{'min s':>8}{'vs ' + names[0]:>16}{'cold s':>8}{'peak GB':>9}")
     for r in done:

@@ -196,3 +196,34 @@ def test_a_failing_reference_ends_the_run_without_a_results_file(tmp_path):
                       "peer-flux-fast,baseline", "--warmup", "1", "--repeats", "1", "--out", tmp_path)
     assert result.returncode != 0 and "Float8 dynamic quantization requires CUDA" in result.stderr
     assert not (tmp_path / "bench-1gpu.json").exists()
+
+
+def test_an_interrupted_run_resumes_with_its_run_id_and_latents_references(tmp_path):
+    """Killed after its first configuration (as a call's time limit does), the run goes on where it stopped."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    command = [sys.executable, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
+               "--configs", "baseline,peer-flux-fast,compile", "--out", str(tmp_path)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / "bench-1gpu.partial.json"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (partial.exists() and records.failures(partial)):
+            time.sleep(0.2)
+    finally:
+        first.kill()
+        first.wait()
+    assert [r["name"] for r in records.read(partial)] == ["baseline"], "the first run ended before it was stopped"
+    result = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base, compiled = records.read(tmp_path / "bench-1gpu.json")
+    assert compiled["name"] == "compile" and base["provenance"]["run_id"] == compiled["provenance"]["run_id"]
+    assert compiled["extras"]["latents_reference"] == "baseline" and compiled["extras"]["latents_rel_error"] > 0
+    assert [f["name"] for f in records.failures(tmp_path / "bench-1gpu.json")] == ["peer-flux-fast"]
+    assert not partial.exists() and not list(tmp_path.glob("*.safetensors"))
+    wrong = subprocess.run(command[:-2] + ["--configs", "compile,baseline", "--out", str(tmp_path), "--resume"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "--resume: no progress file" in wrong.stderr
