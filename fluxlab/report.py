@@ -49,20 +49,19 @@ def cpu_note(rec: dict) -> str:
 
 
 def cache_note(recs: list[dict]) -> str:
-    """Why a First Block Cache record of random weights saved nothing: how far the first block's output moved
-    between steps, against the threshold, read off the record's cache decisions (empty where none skipped nothing
-    on random weights)."""
-    lines = []
-    for r in recs:
-        cache = r["cache"]
-        diffs = [d for d in (cache or {}).get("diffs", []) if d is not None]
-        if r["random_weights"] and cache and not cache["skipped"] and diffs:
-            lines.append(f"`{r['name']}` ({r['model_source']}) computed all {cache['steps']} steps: between steps, "
-                         f"the first block's output moved by {min(diffs):.2f} to {max(diffs):.2f} of its size, "
-                         f"above the threshold {cache['threshold']:g}. Random weights carry no image that settles "
-                         "from step to step, so the cache only adds its check; its saving must be measured on the "
-                         "real model's weights.")
-    return "\n\n".join(lines)
+    """Why First Block Cache saved nothing in these records of random weights: how far the first block's output moved
+    between steps, against the thresholds, read off the records' cache decisions ('' where no such record)."""
+    idle = [r for r in recs if r["random_weights"] and r["cache"] and not r["cache"]["skipped"]]
+    diffs = [d for r in idle for d in r["cache"].get("diffs", []) if d is not None]
+    if not diffs:
+        return ""
+    thresholds = ", ".join(sorted({f"{r['cache']['threshold']:g}" for r in idle}))
+    names = ", ".join(f"`{r['name']}`" for r in idle)
+    return (f"On random weights ({', '.join(sorted({r['model_source'] for r in idle}))}) First Block Cache computed "
+            f"every step in {names}: between steps the first block's output moved "
+            f"by {min(diffs):.2f} to {max(diffs):.2f} of its size, above the threshold ({thresholds}). Random weights "
+            "carry no image that settles from step to step, so the cache only adds its check; what it saves must be "
+            "measured on the real model's weights.")
 
 
 def _fmt(x, spec=".2f", none="—"):
