@@ -321,7 +321,8 @@ CONTEXT_GB = 1.0  # headroom for the CUDA context and libraries, outside PyTorch
 
 def memory_table(runs_: list[dict]) -> "Markdown":
     """For each card size, the fastest one-process configuration that fits: run under a cap of at most that many GB,
-    or with peak reserved memory (plus `CONTEXT_GB`) within it; then every measured configuration's footprint."""
+    or with peak reserved memory (plus `CONTEXT_GB`) within it; then the footprint of every configuration that
+    trades time for memory."""
     recs = [r for run in runs_ for r in run["records"] if r["processes"] == 1 and r["peak_mem_gb"] is not None]
     if not recs:
         return markdown("*No benchmark record with GPU memory yet.*")
@@ -337,12 +338,14 @@ def memory_table(runs_: list[dict]) -> "Markdown":
         lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
                                           f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | "
                                           f"{_cap(best_fit)} |" if best_fit else "nothing measured fits | — | — | — |"))
-    lines += ["", "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap | Run |",
+    lines += ["", "The configurations that trade time for memory (offload, or a cap):", "",
+              "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap | Run |",
               "|---|---|---|---|---|---|"]
-    for r in sorted(recs, key=footprint):
+    for r in sorted((r for r in recs if "offload" in r["optimizations"] or r["extras"].get("memory_cap_gb")),
+                    key=footprint):
         lines.append(f"| `{r['name']}`: {r['label']} | {r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} "
                      f"| {footprint(r):.1f} | {_cap(r)} | `{Path(r['_path']).name}` |")
-    device = recs[0]["provenance"]["device_name"]
+    device = " and ".join(sorted({r["provenance"]["device_name"] for r in recs}))
     note = (f"Measured on {device} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the timed calls, "
             f"as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at most the card's "
             f"size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run under a "
