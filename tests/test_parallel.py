@@ -142,3 +142,16 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     assert "rank 1 failed on purpose" in result.stdout + result.stderr
     time.sleep(2)
     assert _kernels() - before == set(), "a kernel outlived its rank"
+
+
+def test_processes_leave_their_group_when_done(tmp_path):
+    """`parallel.finish` (registered at exit by `parallel.init`) destroys the group: NCCL warns about one left."""
+    script = tmp_path / "finish.py"
+    script.write_text("import torch, torch.distributed as dist, fluxlab\n"
+                      "fluxlab.parallel.init(torch.device('cpu'))\n"
+                      "fluxlab.parallel.barrier()\n"
+                      "fluxlab.parallel.finish()\n"
+                      "print('in a group:', dist.is_initialized(), flush=True)\n")
+    result = torchrun(2, script, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("in a group: False") == 2
