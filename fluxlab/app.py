@@ -221,9 +221,9 @@ def bind(host: str, port: int) -> socket.socket:
 # GPU memory the full-size model needs per process when it streams weights from host memory: what the memory runs
 # under caps completed in (book/results/bench-1gpu-memory*.json): sequential offload in bf16, the others in FP8.
 STREAMED_GB = {"sequential": 8}
+STREAMED_FP8_GB = {"model": 16, "encoders": 16, "group": 8}
 # ... and with every weight on the GPU: what the book's GPU chapters declare (book/chapters.toml; a test compares).
 FULL_SIZE_GB = 40
-STREAMED_FP8_GB = {"model": 16, "encoders": 16, "group": 8}
 
 
 def gpu_need_gb(config: PoolConfig) -> int:
