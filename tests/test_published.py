@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 import browser
-from fluxlab import book, records
+from fluxlab import book, ladder, records
 
 from conftest import ROOT, summary_disagreements
 
@@ -81,13 +81,21 @@ def test_rendered_conclusion_shows_the_numbers(built):
     assert "random weights" in html
 
 
-def test_rendered_performance_page_shows_the_ladder(built):
+def test_rendered_performance_page_shows_its_records(built):
+    """Every benchmark file in the appendix, the headline runs' and chapter 3's ladder's times, one verdict per
+    process count that has a complete run, and the figures."""
     html = (built / "book" / "published" / "06_performance.html").read_text()
-    for path in sorted((ROOT / "book" / "results").glob("bench-*gpu*.json")):
-        assert path.name in html
-        for rec in records.read(path):
-            assert f"{rec['timing']['median_s']:.3f}" in html
-    assert "Target:" in html and "<img" in html
+    runs = ladder.runs(ROOT / "book" / "results")
+    for run in runs:
+        assert f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{run['path']}</span></code>" in html
+    shown = [r for run in ladder.headline_runs(runs) for r in run["records"]]
+    shown += [r for r in records.read_folder(PUBLISHED / "results", "03_fp8_compile--*.json") if not r["cache"]
+              and "offload" not in r["optimizations"] and r["model_source"] == "flux-dev-random"]
+    for rec in shown:
+        assert f"{rec['timing']['median_s']:.3f}" in html, rec["name"]
+    for processes in {run["world_size"] for run in runs if run["complete"]}:
+        assert html.count(f"<strong>{processes} GPU(s)</strong>, target") == 1
+    assert "<img" in html
 
 
 def test_status_page_lists_every_chapter(built):
