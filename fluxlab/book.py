@@ -3,6 +3,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from .report import markdown
 from .settings import check_full_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,7 @@ def check_device(ch: dict, source, device) -> None:
 
 def needs(name: str, results_dir: str | Path):
     """What the chapter needs and how long it took: the published GPU run and this folder's last run (Markdown for
-    the notebook; IPython comes with the notebook stack, imported here so that `import fluxlab` needs none)."""
-    from IPython.display import Markdown
-
+    the notebook)."""
     ch = chapter(name)
     if ch.get("gpu_memory_gb"):
         hardware = (f"a CPU (the bundled `tiny` pipeline) or, for the full-size model, a CUDA GPU with "
@@ -55,10 +54,10 @@ def needs(name: str, results_dir: str | Path):
     here = Path(results_dir).resolve().parent
     if here == PUBLISHED.resolve():  # this run is the published one: its time is known only once it ends
         lines.append("**Run time, device and commit:** on the [status page](status.md).")
-        return Markdown("  \n".join(lines))
+        return markdown("  \n".join(lines))
     for label, out in (("Published run", PUBLISHED), ("Last run here", here)):
         run = runs(out).get(name)
         if run and run.get("status") == "ok":
             where = f" on {run.get('processes', 1)}x {run['device']}" if run.get("device") else ""
             lines.append(f"**{label}:** {run['duration_s']:.0f} s{where}.")
-    return Markdown("  \n".join(lines))
+    return markdown("  \n".join(lines))

@@ -119,6 +119,11 @@ def headline_runs(runs_: list[dict]) -> list[dict]:
     return sorted(found.values(), key=lambda run: run["records"][0]["provenance"]["device_name"])
 
 
+def _added(before: dict, after: dict) -> str:
+    """What `after`'s label adds to `before`'s: its ' + '-separated parts that `before` lacks."""
+    return " + ".join(p for p in after["label"].split(" + ") if p not in before["label"].split(" + "))
+
+
 def _seconds(rec: dict) -> str:
     t = rec["timing"]
     return f"{t['median_s']:.3f} ({t['min_s']:.3f})"
@@ -188,8 +193,7 @@ def steps(recs: list[dict]) -> "Markdown":
     lines = ["| Step (what it adds to the row above) | s/image | vs bf16 | This step |", "|---|---|---|---|"]
     for before, r in zip([None, *rows], rows):
         step = "—" if before is None else f"{before['timing']['median_s'] / r['timing']['median_s'] - 1:+.1%}"
-        what = r["label"] if before is None else "+ " + " + ".join(
-            p for p in r["label"].split(" + ") if p not in before["label"].split(" + "))
+        what = r["label"] if before is None else "+ " + _added(before, r)
         lines.append(f"| {what} | {_seconds(r)} | {base['timing']['median_s'] / r['timing']['median_s']:.2f}x "
                      f"| {step} |")
     prov = base["provenance"]
@@ -210,9 +214,8 @@ def not_helped(runs_: list[dict]) -> "Markdown":
                 continue
             gain = before["timing"]["median_s"] / r["timing"]["median_s"] - 1
             if gain <= SAME:
-                added = [p for p in r["label"].split(" + ") if p not in before["label"].split(" + ")]
-                lines.append(f"| {' + '.join(added) or 'the same'} | `{r['name']}` against `{before['name']}` | {gain:+.1%} "
-                             f"({before['timing']['median_s']:.3f} → {r['timing']['median_s']:.3f} s) | "
+                lines.append(f"| {_added(before, r) or 'the same'} | `{r['name']}` against `{before['name']}` | "
+                             f"{gain:+.1%} ({before['timing']['median_s']:.3f} → {r['timing']['median_s']:.3f} s) | "
                              f"{r['processes']}x {r['provenance']['device_name'].removeprefix('NVIDIA ')} | "
                              f"`{run['path']}` |")
     return markdown("\n".join(lines) + f"\n\n*A change counts as no gain within {SAME:.0%}: the spread of repeated "
@@ -278,8 +281,9 @@ def appendix(runs_: list[dict]) -> "Markdown":
                      f"| {prov['date_utc'][:16]} | {'yes' if run['complete'] else 'no: stopped early'}{failed} "
                      f"| `{command(run)}` |")
     peers = {r["name"]: r["extras"]["peer"] for run in runs_ for r in run["records"] if is_peer(r)}
-    lines += ["", "| Other tool | Version | Recipe as run | Left out here |", "|---|---|---|---|"]
-    lines += [f"| `{name}` | {p['version']} | {p['recipe']} | {p['without']} |" for name, p in peers.items()]
+    if peers:
+        lines += ["", "| Other tool | Version | Recipe as run | Left out here |", "|---|---|---|---|"]
+        lines += [f"| `{name}` | {p['version']} | {p['recipe']} | {p['without']} |" for name, p in peers.items()]
     return markdown("\n".join(lines))
 
 

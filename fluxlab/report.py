@@ -1,9 +1,9 @@
 """Tables, plots and image grids, all built from records (`fluxlab.records`); which records compare is
 `fluxlab.compare`'s business."""
 import inspect
-from typing import TYPE_CHECKING
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np

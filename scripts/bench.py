@@ -178,8 +178,9 @@ def run_config(name: str, settings, world, args, references: dict, traffic, stag
                       f" between kernels), {b['kernels']} kernels; largest gaps: " + "; ".join(
                           f"{g['seconds'] * 1e3:.2f} ms after {g['after'][:40]}" for g in b["idle"]["largest"][:3]),
                       flush=True)
-        if world.is_main and torch._dynamo.utils.compile_times(repr="str", aggregate=True):
-            print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
+        compile_times = torch._dynamo.utils.compile_times(repr="str", aggregate=True)
+        if world.is_main and compile_times:
+            print(compile_times, flush=True)
         del pipe
     parallel.barrier()
     return rec if world.is_main else None
