@@ -138,7 +138,7 @@ def headline(runs_: list[dict]) -> "Markdown":
         recs = run["records"]
         base, top = recs[0], best(recs, 1)
         gpu = base["provenance"]["device_name"].removeprefix("NVIDIA ")
-        for r in [base, top, *filter(is_peer, recs)]:
+        for r in [base, *([top] if top is not base else []), *filter(is_peer, recs)]:
             who = f"{r['extras']['peer']['tool']} {r['extras']['peer']['version'].split(';')[0]}" if is_peer(r) \
                 else ("diffusers bf16" if r is base else "fluxlab fastest")
             error = r["extras"].get("latents_rel_error_bf16")
