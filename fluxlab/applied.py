@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, gelu, mlp_fp8, peer_exchange, quant
+from . import cache, fp8_attention, gelu, mlp_fp8, modulation, peer_exchange, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -34,6 +34,8 @@ def applied(pipe) -> dict:
         done["sigmoid_gelu"] = True
     if mlp_fp8.used(transformer):
         done["gelu_fp8"] = True
+    if modulation.used(transformer):
+        done["precompute_modulation"] = True
     if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
         done["fuse_qkv"] = True
     config = getattr(transformer, "_parallel_config", None)
@@ -112,6 +114,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append("sigmoid GELU")
     if "gelu_fp8" in done:
         parts.append("GELU + FP8 in one pass")
+    if "precompute_modulation" in done:
+        parts.append("adaLN for all steps at once")
     if "fuse_qkv" in done:
         parts.append("fused QKV")
     if "channels_last_vae" in done:

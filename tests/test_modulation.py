@@ -1,0 +1,70 @@
+"""fluxlab.modulation: every step's adaLN modulations computed at the first step give the pipeline's own latents."""
+import dataclasses
+
+import pytest
+import torch
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+import fluxlab
+from fluxlab import modulation
+
+from conftest import latents
+
+
+def test_precomputed_modulations_are_the_layers_own(tiny, tiny_pipe):
+    reference = latents(tiny_pipe, tiny)
+    precomputed = fluxlab.load_pipeline(tiny)
+    done = fluxlab.optimize(precomputed, precompute_modulation=True)
+    assert done == {"precompute_modulation": True} and fluxlab.describe(done) == "adaLN for all steps at once"
+    transformer = precomputed.transformer
+    norms = [m for m in transformer.modules() if isinstance(m, (AdaLayerNormZero, AdaLayerNormZeroSingle,
+                                                                AdaLayerNormContinuous))]
+    assert len(norms) == 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks) + 1
+    assert all(isinstance(n.linear, modulation.Precomputed) for n in norms)
+    torch.testing.assert_close(latents(precomputed, tiny), reference, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="precompute_modulation was already applied"):
+        fluxlab.optimize(precomputed, precompute_modulation=True)
+
+
+def test_each_image_gets_its_own_steps_prompt_and_guidance(tiny, tiny_pipe):
+    """A second call with another prompt, step count and guidance computes new modulations; true classifier-free
+    guidance (two pooled prompts per step) keeps one table per prompt."""
+    precomputed = fluxlab.load_pipeline(tiny)
+    modulation.use(precomputed)
+    latents(precomputed, tiny)
+    other = dataclasses.replace(tiny, prompt="a red square", steps=5, guidance=5.0)
+    torch.testing.assert_close(latents(precomputed, other), latents(tiny_pipe, other), rtol=0, atol=1e-5)
+    cfg = dict(other.pipe_kwargs(), negative_prompt="blurry", true_cfg_scale=2.0, output_type="latent")
+
+    def true_cfg(pipe):
+        return pipe(**cfg, generator=torch.Generator("cpu").manual_seed(tiny.seed)).images[0]
+
+    torch.testing.assert_close(true_cfg(precomputed), true_cfg(tiny_pipe), rtol=0, atol=1e-5)
+
+
+def test_under_fp8_compiled_blocks_graphs_and_the_cache(tiny):
+    """The fastest stack's order: the layers swapped first, FP8 (weight-only on a CPU) quantizes the layers they
+    hold, the blocks compiled (and captured, on a GPU) read the step's row; the cache decides as before."""
+    stack = dict(fp8="rowwise", compile="regional", graphs=True, cache=0.3)
+    plain, precomputed = fluxlab.load_pipeline(tiny), fluxlab.load_pipeline(tiny)
+    fluxlab.optimize(plain, **stack)
+    done = fluxlab.optimize(precomputed, precompute_modulation=True, **stack)
+    assert done["precompute_modulation"] and done["fp8"] and done["compile"]["scope"] == "regional"
+    held = next(m.linear for m in precomputed.transformer.modules() if isinstance(m, modulation.Precomputed))
+    assert "Float8" in type(held.weight).__name__  # quantized with the rest
+    torch.testing.assert_close(latents(precomputed, tiny), latents(plain, tiny), rtol=0, atol=1e-4)
+    ours, theirs = (fluxlab.cache.stats(p.transformer).summary() for p in (precomputed, plain))
+    assert ours["skipped_steps"] == theirs["skipped_steps"] and ours["skipped"] > 0
+    assert ours["diffs"][1:] == pytest.approx(theirs["diffs"][1:], abs=1e-5)
+
+
+def test_refused_where_the_row_cannot_be_picked_before_the_transformer(tiny_pipe):
+    with pytest.raises(ValueError, match="precompute_modulation picks each step's row on the host"):
+        fluxlab.optimize(tiny_pipe, precompute_modulation=True, compile="full")
+    with pytest.raises(ValueError, match="precompute_modulation='yes': must be True or False"):
+        fluxlab.optimize(tiny_pipe, precompute_modulation="yes")
+    assert fluxlab.applied(tiny_pipe) == {}
+    modulation.use(tiny_pipe)
+    t = tiny_pipe.transformer
+    with pytest.raises(ValueError, match="reads the transformer's keyword arguments"):
+        t(torch.zeros(1, 4, t.config.in_channels))
