@@ -68,3 +68,21 @@ def test_refused_where_the_row_cannot_be_picked_before_the_transformer(tiny_pipe
     t = tiny_pipe.transformer
     with pytest.raises(ValueError, match="reads the transformer's keyword arguments"):
         t(torch.zeros(1, 4, t.config.in_channels))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fluxlab.quant.fp8_tensor_cores(torch.device("cuda"))),
+                    reason="CUDA graphs of FP8 blocks need an FP8 GPU")
+def test_block_graphs_replay_with_each_step_s_row():
+    """The blocks' CUDA graphs read the row buffer at its fixed address: two images of different step counts and
+    guidance give the latents of the same stack without the precomputation (FP8 products of 28 rows instead of 1
+    may round differently: within 1% of the latents' norm)."""
+    settings = fluxlab.check_settings("tiny", device="cuda", steps=8)
+    stack = dict(fp8="rowwise", compile="regional", graphs=True)
+    plain, precomputed = fluxlab.load_pipeline(settings), fluxlab.load_pipeline(settings)
+    fluxlab.optimize(plain, **stack)
+    fluxlab.optimize(precomputed, precompute_modulation=True, **stack)
+    for request in (settings, settings, dataclasses.replace(settings, steps=5, guidance=5.0)):
+        ours, theirs = latents(precomputed, request), latents(plain, request)
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2
+    assert any(hook.entries for hook in (b._diffusers_hook.get_hook(fluxlab.graphs.HOOK)
+                                         for b in fluxlab.graphs.repeated_blocks(precomputed.transformer)))

@@ -1,0 +1,153 @@
+"""Time fluxlab's one-GPU kernels against candidates that would replace them, at FLUX.1-dev's shapes (1024x1024:
+4096 image and 512 text tokens, 28 steps), without loading a model.
+
+    python scripts/kernels.py [--out book/results]
+
+- GELU + join + FP8 (`fluxlab.mlp_fp8_triton`): today's kernel (one program per row, the whole row in registers, 8
+  warps) against the same kernel with 4 and 16 warps, and a two-pass kernel over chunks of the row (maximum first,
+  then GELU again and the FP8 write; the second read mostly from L2). A candidate counts only if its output is
+  bit-identical to today's. Reported as time per call and bandwidth (bytes read and written over time), at the
+  single blocks' shape (attention output joined) and the double blocks' image feed-forward.
+- adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
+  scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
+Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
+block graphs), min and median. Writes `<out>/kernels-<gpu>.json` with provenance.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench_cudagraph
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fluxlab import records  # noqa: E402
+from fluxlab.gelu import TWO_SQRT_2_OVER_PI  # noqa: E402
+from fluxlab.mlp_fp8_triton import _gelu_join_fp8  # noqa: E402
+from fluxlab.quant import E4M3_MAX  # noqa: E402
+
+DIM, MLP, IMAGE, TEXT, STEPS = 3072, 12288, 4096, 512, 28
+DOUBLE, SINGLE = 19, 38
+ADALN = [6 * DIM] * (2 * DOUBLE) + [3 * DIM] * SINGLE + [2 * DIM]  # out_features of every modulation layer
+
+
+@triton.jit
+def _gelu_join_fp8_two_pass(attn_ptr, mlp_ptr, out_ptr, scale_ptr, A: tl.constexpr, H: tl.constexpr,
+                            BLOCK: tl.constexpr, C: tl.constexpr, FP8_MAX: tl.constexpr):
+    """`_gelu_join_fp8` over chunks of BLOCK: the row's maximum in a first pass, GELU again and the write in a
+    second (the same arithmetic per element, so the same bits)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(0, A, BLOCK):
+        a = tl.load(attn_ptr + row * A + start + offs, mask=start + offs < A, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+    for start in tl.range(0, H, BLOCK):
+        x = tl.load(mlp_ptr + row * H + start + offs, mask=start + offs < H, other=0.0).to(tl.float32)
+        g = (x / (1.0 + tl.exp(-C * (x + 0.044715 * x * x * x)))).to(tl.bfloat16).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(g))
+    scale = tl.maximum((tl.max(amax, 0) / FP8_MAX).to(tl.bfloat16).to(tl.float32), 1e-30)
+    for start in tl.range(0, A, BLOCK):
+        a = tl.load(attn_ptr + row * A + start + offs, mask=start + offs < A, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * (A + H) + start + offs, tl.clamp(a / scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv),
+                 mask=start + offs < A)
+    for start in tl.range(0, H, BLOCK):
+        x = tl.load(mlp_ptr + row * H + start + offs, mask=start + offs < H, other=0.0).to(tl.float32)
+        g = (x / (1.0 + tl.exp(-C * (x + 0.044715 * x * x * x)))).to(tl.bfloat16).to(tl.float32)
+        tl.store(out_ptr + row * (A + H) + A + start + offs,
+                 tl.clamp(g / scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv), mask=start + offs < H)
+    tl.store(scale_ptr + row, scale)
+
+
+def outputs(attn, mlp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 rows and their scales, allocated once (a CUDA graph of many calls then allocates nothing)."""
+    rows = attn.shape[0]
+    return (torch.empty(rows, attn.shape[1] + mlp.shape[1], device=mlp.device, dtype=torch.float8_e4m3fn),
+            torch.empty(rows, 1, device=mlp.device, dtype=torch.float32))
+
+
+def gelu_join(attn, mlp, out, scale, warps: int = 8, two_pass_block: int | None = None):
+    """One call of today's kernel with `warps` warps, or of the two-pass kernel with chunks of `two_pass_block`."""
+    (rows, a), h = attn.shape, mlp.shape[1]
+    if two_pass_block:
+        _gelu_join_fp8_two_pass[(rows,)](attn, mlp, out, scale, a, h, two_pass_block, TWO_SQRT_2_OVER_PI, E4M3_MAX,
+                                         num_warps=warps)
+    else:
+        _gelu_join_fp8[(rows,)](attn, mlp, out, scale, a, h, max(triton.next_power_of_2(a), 16),
+                                triton.next_power_of_2(h), TWO_SQRT_2_OVER_PI, E4M3_MAX, num_warps=warps)
+
+
+def timed(fn) -> dict:
+    median, low = do_bench_cudagraph(fn, rep=200, quantiles=[0.5, 0.0])
+    return dict(median_ms=round(median, 5), min_ms=round(low, 5))
+
+
+def gelu_candidates(device) -> list[dict]:
+    rows = []
+    for shape, tokens, a in (("single blocks: attention + GELU(MLP)", IMAGE + TEXT, DIM),
+                             ("double blocks: GELU(image feed-forward)", IMAGE, 0)):
+        attn = torch.randn(tokens, a, device=device, dtype=torch.bfloat16)
+        mlp = 3 * torch.randn(tokens, MLP, device=device, dtype=torch.bfloat16)
+        reference = outputs(attn, mlp)
+        gelu_join(attn, mlp, *reference)
+        moved = tokens * (a + MLP) * 3 + tokens * 4  # bf16 in, FP8 out, one float32 scale per row
+        for name, kwargs in (("today: row in registers, 8 warps", {}), ("row in registers, 4 warps", dict(warps=4)),
+                             ("row in registers, 16 warps", dict(warps=16)),
+                             ("two passes, chunks of 1024, 4 warps", dict(warps=4, two_pass_block=1024)),
+                             ("two passes, chunks of 2048, 8 warps", dict(warps=8, two_pass_block=2048)),
+                             ("two passes, chunks of 4096, 16 warps", dict(warps=16, two_pass_block=4096))):
+            out, scale = outputs(attn, mlp)
+            gelu_join(attn, mlp, out, scale, **kwargs)
+            same = torch.equal(out.view(torch.uint8), reference[0].view(torch.uint8)) and torch.equal(scale,
+                                                                                                     reference[1])
+            t = timed(lambda: gelu_join(attn, mlp, out, scale, **kwargs))
+            rows.append(dict(kernel="gelu_join_fp8", shape=shape, candidate=name, bit_identical=same, **t,
+                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def adaln_products(device) -> list[dict]:
+    """One step's modulation products, as 77 one-row products or as one step's share of 77 products of 28 rows."""
+    weights = [(torch.randn(n, DIM, device=device).to(torch.float8_e4m3fn),
+                torch.rand(1, n, device=device) / 100) for n in ADALN]
+    rows = []
+    for steps in (1, STEPS):
+        x = torch.randn(steps, DIM, device=device).to(torch.float8_e4m3fn)
+        sx = torch.rand(steps, 1, device=device) / 100
+
+        def products():
+            for w, sw in weights:
+                torch._scaled_mm(x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+        t = timed(products)
+        per_step = {k: round(v / steps, 5) for k, v in t.items()}
+        rows.append(dict(kernel="adaLN modulation products", shape=f"{len(ADALN)} layers, {steps} row(s) each",
+                         candidate="today: every step" if steps == 1 else f"all {STEPS} steps at the first",
+                         per_step_ms=per_step, **t,
+                         tb_per_s=round(sum(ADALN) * DIM / (t["min_ms"] * 1e-3) / 1e12, 3)))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "book" / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernels.py times CUDA kernels: run it on a GPU machine.")
+    device = torch.device("cuda")
+    found = gelu_candidates(device) + adaln_products(device)
+    gpu = torch.cuda.get_device_name(device).removeprefix("NVIDIA ").split()[0].lower()
+    path = Path(args.out) / f"kernels-{gpu}.json"
+    records.replace_atomically(path, json.dumps(dict(provenance=records.provenance(device, 1), kernels=found),
+                                                indent=1).encode())
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
