@@ -73,16 +73,25 @@ def test_refused_where_the_row_cannot_be_picked_before_the_transformer(tiny_pipe
 @pytest.mark.skipif(not (torch.cuda.is_available() and fluxlab.quant.fp8_tensor_cores(torch.device("cuda"))),
                     reason="CUDA graphs of FP8 blocks need an FP8 GPU")
 def test_block_graphs_replay_with_each_step_s_row():
-    """The blocks' CUDA graphs read the row buffer at its fixed address: two images of different step counts and
-    guidance give the latents of the same stack without the precomputation (FP8 products of 28 rows instead of 1
-    may round differently: within 1% of the latents' norm)."""
+    """The blocks' CUDA graphs read the row buffer at its fixed address: over two images of different step counts
+    and guidance, the same FP8 stack gives the same latents with and without graphs. (Against the stack without
+    the precomputation, FP8 products of 28 rows instead of 1 round differently, and dynamic FP8 quantization
+    amplifies that: 3.6% of the latents' norm on the tiny pipeline, one H100; bf16 on a CPU gives the same bits.)"""
     settings = fluxlab.check_settings("tiny", device="cuda", steps=8)
-    stack = dict(fp8="rowwise", compile="regional", graphs=True)
-    plain, precomputed = fluxlab.load_pipeline(settings), fluxlab.load_pipeline(settings)
-    fluxlab.optimize(plain, **stack)
-    fluxlab.optimize(precomputed, precompute_modulation=True, **stack)
+    stack = dict(fp8="rowwise", compile="regional", precompute_modulation=True)
+    eager, graphed = fluxlab.load_pipeline(settings), fluxlab.load_pipeline(settings)
+    fluxlab.optimize(eager, **stack)
+    fluxlab.optimize(graphed, graphs=True, **stack)
     for request in (settings, settings, dataclasses.replace(settings, steps=5, guidance=5.0)):
-        ours, theirs = latents(precomputed, request), latents(plain, request)
-        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2
+        ours, theirs = latents(graphed, request).float(), latents(eager, request).float()
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
     assert any(hook.entries for hook in (b._diffusers_hook.get_hook(fluxlab.graphs.HOOK)
-                                         for b in fluxlab.graphs.repeated_blocks(precomputed.transformer)))
+                                         for b in fluxlab.graphs.repeated_blocks(graphed.transformer)))
+
+
+def test_bf16_gives_the_same_bits(tiny):
+    """In bf16 (the GPU's dtype) the pipeline's own conversions of timestep and guidance are the table's."""
+    plain, precomputed = (fluxlab.load_pipeline(tiny).to(torch.bfloat16) for _ in range(2))
+    modulation.use(precomputed)
+    for request in (tiny, dataclasses.replace(tiny, steps=5, guidance=5.0)):
+        assert torch.equal(latents(precomputed, request), latents(plain, request))
