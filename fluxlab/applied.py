@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, gelu, mlp_fp8, modulation, peer_exchange, quant
+from . import cache, fp8_attention, gelu, mlp_fp8, modulation, peer_exchange, qk_fp8, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -30,6 +30,8 @@ def applied(pipe) -> dict:
         backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
+    if qk_fp8.used(transformer):
+        done["qk_fp8"] = True
     if gelu.used(transformer):
         done["sigmoid_gelu"] = True
     if mlp_fp8.used(transformer):
@@ -110,6 +112,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append("graph path without CUDA graphs")
     if "attention" in done:
         parts.append(f"attention {done['attention'].strip('_')}")
+    if "qk_fp8" in done:
+        parts.append("q/k norm + rotary + FP8 in one pass")
     if "sigmoid_gelu" in done:
         parts.append("sigmoid GELU")
     if "gelu_fp8" in done:

@@ -33,10 +33,15 @@ class SwappedAttnProcessor(FluxAttnProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         hidden_states = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        return project_out(attn, hidden_states, encoder_hidden_states)
 
-        if encoder_hidden_states is None:
-            return hidden_states
-        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+def project_out(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """The attention output (batch, text + image tokens, heads * head_dim) through FLUX's output projections: the
+    single blocks' as it is, the double blocks' split into image (`to_out`) and text (`to_add_out`)."""
+    if encoder_hidden_states is None:
+        return hidden_states
+    encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+        [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+    return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())

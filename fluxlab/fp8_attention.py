@@ -62,11 +62,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     `bounds`: numbers no |query| and no |key| exceed (`norm_bound`); None: their maxima, computed."""
     bound_q, bound_k = bounds or (None, None)
     (q, descale_q), (k, descale_k) = quantize(query, bound_q), quantize(key, bound_k)
+    return attend_fp8(q, k, value, descale_q, descale_k, scale, query.dtype)
+
+
+def attend_fp8(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, descale_q: torch.Tensor,
+               descale_k: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """cuDNN's FP8 attention of q and k already in FP8 (with the factors that scale them back) and `value`,
+    quantized here by its maximum; returns (batch, sequence, heads, head_dim) in `dtype`."""
     v, descale_v = quantize(value)
     scale_o = 0.5 / descale_v
     out = torch.ops.fluxlab.cudnn_sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, scale_o,
-                                          scale or 1 / math.sqrt(query.shape[-1]))
-    return (out.float() / scale_o).to(query.dtype)
+                                          scale or 1 / math.sqrt(q.shape[-1]))
+    return (out.float() / scale_o).to(dtype)
 
 
 @torch.library.custom_op("fluxlab::cudnn_sdpa_fp8", mutates_args=(), device_types="cuda")

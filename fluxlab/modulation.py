@@ -31,8 +31,17 @@ class Table:
         self.width = sum(n.linear.out_features for n in norms)  # before `use` puts `Precomputed` in their place
         self.tables: list[tuple[tuple, torch.Tensor]] = []  # (key, steps x images x width)
         self.rows: dict[int, torch.Tensor] = {}  # images -> this step's row, at a fixed address
+        self.images = None  # the batch the layers' views point into
 
-    def row(self, images: int) -> torch.Tensor:
+    def row(self, images: int, like: torch.Tensor) -> torch.Tensor:
+        """The buffer of this step's row for `images` images; the layers' views point into it."""
+        if images not in self.rows:
+            self.rows[images] = torch.empty_like(like)
+        if self.images != images:
+            for norm in self.norms:
+                layer = norm.linear
+                layer.row = self.rows[images][:, layer.start:layer.start + layer.linear.out_features]
+            self.images = images
         return self.rows[images]
 
     def _key(self, *tensors) -> tuple:
@@ -67,17 +76,18 @@ class Table:
 
 
 class Precomputed(torch.nn.Module):
-    """Stands in for an adaLN layer's linear: this step's row of its output, read from the table's buffer. The
+    """Stands in for an adaLN layer's linear: this step's row of its output, `row`, a view of the table's buffer
+    (a buffer of the module, so torch.compile takes it as an input: one compiled block serves every block). The
     layer itself stays as `.linear` (quantized with the rest; the table computes with it)."""
 
-    def __init__(self, linear: torch.nn.Linear, table: Table, start: int):
+    def __init__(self, linear: torch.nn.Linear, start: int):
         super().__init__()
         self.linear = linear
-        self.table = table
-        self.start, self.stop = start, start + linear.out_features
+        self.start = start
+        self.register_buffer("row", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table.row(x.shape[0])[:, self.start:self.stop]
+        return self.row
 
 
 class Step(ModelHook):
@@ -95,10 +105,7 @@ class Step(ModelHook):
         rows = self.table.table(pooled, guidance, kwargs["timestep"].dtype, hidden.dtype)
         scheduler = self.table.scheduler
         step = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
-        buffer = self.table.rows.get(pooled.shape[0])
-        if buffer is None:
-            buffer = self.table.rows[pooled.shape[0]] = torch.empty_like(rows[0])
-        buffer.copy_(rows[step])
+        self.table.row(pooled.shape[0], rows[step]).copy_(rows[step])
         return args, kwargs
 
 
@@ -113,7 +120,7 @@ def use(pipe) -> Table:
     table = Table(transformer, pipe.scheduler, norms)
     start = 0
     for norm in norms:
-        norm.linear = Precomputed(norm.linear, table, start)
+        norm.linear = Precomputed(norm.linear, start)
         start += norm.linear.linear.out_features
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(Step(table), HOOK)
     return table

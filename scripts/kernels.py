@@ -8,6 +8,9 @@
   then GELU again and the FP8 write; the second read mostly from L2). A candidate counts only if its output is
   bit-identical to today's. Reported as time per call and bandwidth (bytes read and written over time), at the
   single blocks' shape (attention output joined) and the double blocks' image feed-forward.
+- q or k from its projections to FP8 (`fluxlab.qk_fp8`): what FP8 attention's processor does (per-head RMSNorm,
+  the double blocks' text tokens joined in front, rotary embedding, FP8 on a bound), compiled by inductor as inside
+  the compiled blocks, against the one-pass Triton kernel; the share of FP8 values that differ is reported.
 - adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
   scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
 Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
@@ -25,7 +28,7 @@ from triton.testing import do_bench_cudagraph
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fluxlab import records  # noqa: E402
+from fluxlab import fp8_attention, qk_fp8, records  # noqa: E402
 from fluxlab.gelu import TWO_SQRT_2_OVER_PI  # noqa: E402
 from fluxlab.mlp_fp8_triton import _gelu_join_fp8  # noqa: E402
 from fluxlab.quant import E4M3_MAX  # noqa: E402
@@ -111,6 +114,34 @@ def gelu_candidates(device) -> list[dict]:
     return rows
 
 
+def qk_candidates(device) -> list[dict]:
+    heads, head_dim = DIM // 128, 128
+    angles = torch.rand(IMAGE + TEXT, head_dim // 2, device=device) * 100
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+    compiled = torch.compile(qk_fp8.reference)  # as in the blocks: inductor fuses norm, join, rotation, FP8
+    rows = []
+    for shape, tokens in (("double blocks: text + image tokens, two norms", (TEXT, IMAGE)),
+                          ("single blocks: 4608 tokens, one norm", (TEXT + IMAGE,))):
+        streams = []
+        for n in tokens:
+            norm = torch.nn.RMSNorm(head_dim, eps=1e-6).to(device, torch.bfloat16)
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+            streams.append((3 * torch.randn(1, n, DIM, device=device, dtype=torch.bfloat16), norm))
+        scale = E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams))
+        today = compiled(streams, cos, sin, heads, scale)
+        moved = sum(tokens) * DIM * 3  # bf16 in, FP8 out
+        for name, fn in (("today: inductor", lambda: compiled(streams, cos, sin, heads, scale)),
+                         ("one pass (Triton)", lambda: qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale))):
+            differ = (fn().float() != today.float()).float().mean().item()
+            t = timed(fn)
+            rows.append(dict(kernel="q/k norm + rotary + FP8", shape=shape, candidate=name,
+                             share_differing_from_today=round(differ, 6), **t,
+                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def adaln_products(device) -> list[dict]:
     """One step's modulation products, as 77 one-row products or as one step's share of 77 products of 28 rows."""
     weights = [(torch.randn(n, DIM, device=device).to(torch.float8_e4m3fn),
@@ -141,7 +172,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("kernels.py times CUDA kernels: run it on a GPU machine.")
     device = torch.device("cuda")
-    found = gelu_candidates(device) + adaln_products(device)
+    found = gelu_candidates(device) + qk_candidates(device) + adaln_products(device)
     gpu = torch.cuda.get_device_name(device).removeprefix("NVIDIA ").split()[0].lower()
     path = Path(args.out) / f"kernels-{gpu}.json"
     records.replace_atomically(path, json.dumps(dict(provenance=records.provenance(device, 1), kernels=found),

@@ -1,0 +1,51 @@
+"""The Triton kernel of `fluxlab.qk_fp8` (imported where CUDA is: torch's CPU wheels come without Triton)."""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .quant import E4M3_MAX
+
+
+@triton.jit
+def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, x_row_stride, out_tokens, offset, eps, scale,
+                   H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One program per token: its H heads of D in registers; RMSNorm per head (bf16 out, times the weight, bf16),
+    rotary embedding of pairs (bf16), times `scale` into FP8 at token `offset` + its place in the joined sequence."""
+    row = tl.program_id(0)
+    image, token = row // tokens, row % tokens
+    place = offset + token
+    h = tl.arange(0, HP)[:, None]
+    d = tl.arange(0, D)[None, :]
+    heads = h < H
+    x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + h * D + d, mask=heads, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+    y = (x * rstd[:, None]).to(tl.bfloat16).to(tl.float32)
+    y = (y * tl.load(w_ptr + d).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    cos = tl.load(cos_ptr + place * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + place * D + d).to(tl.float32)
+    even, odd = tl.split(tl.reshape(y, [HP, D // 2, 2]))
+    rotated = tl.reshape(tl.join(-odd, even), [HP, D])  # diffusers' apply_rotary_emb: (-x_imag, x_real) pairs
+    out = (y * cos + rotated * sin).to(tl.bfloat16).to(tl.float32)
+    q = tl.clamp(out * scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    tl.store(out_ptr + ((image * out_tokens + place).to(tl.int64) * H + h) * D + d, q, mask=heads)
+
+
+@triton_op("fluxlab::norm_rope_fp8", mutates_args=())
+def norm_rope_fp8(first: torch.Tensor, first_weight: torch.Tensor, second: torch.Tensor | None,
+                  second_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
+                  scale: float) -> torch.Tensor:
+    """`fluxlab.qk_fp8.reference` on the GPU: (batch, tokens, heads * head_dim) projections in bf16, `second`'s tokens
+    after `first`'s in the (batch, all tokens, heads, head_dim) FP8 output."""
+    streams = [(first, first_weight)] + ([(second, second_weight)] if second is not None else [])
+    batch, dim = first.shape[0], first.shape[2]
+    total = sum(x.shape[1] for x, _ in streams)
+    out = torch.empty(batch, total, heads, dim // heads, device=first.device, dtype=torch.float8_e4m3fn)
+    offset = 0
+    for x, weight in streams:
+        x = x if x.stride(2) == 1 and x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous()
+        wrap_triton(_norm_rope_fp8)[(batch * x.shape[1],)](
+            x, weight, cos, sin, out, x.shape[1], x.stride(1), total, offset, eps, scale, heads,
+            triton.next_power_of_2(heads), dim // heads, E4M3_MAX, num_warps=4)
+        offset += x.shape[1]
+    return out

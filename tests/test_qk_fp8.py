@@ -1,0 +1,70 @@
+"""fluxlab.qk_fp8: q and k from their projections to FP8 in one kernel give FP8 attention's q and k."""
+import pytest
+import torch
+
+import fluxlab
+from fluxlab import fp8_attention, qk_fp8
+from fluxlab.quant import E4M3_MAX
+
+from conftest import exact_attention, latents
+
+
+def emulated(query, key, value, scale=None, bounds=None):
+    """`fp8_attention.attention` on a CPU: q and k rounded to FP8 on their bounds, v on its maximum, exact attention."""
+    (q, dq), (k, dk) = fp8_attention.quantize(query, bounds[0]), fp8_attention.quantize(key, bounds[1])
+    return emulated_fp8(q, k, value, dq, dk, scale, query.dtype)
+
+
+def emulated_fp8(q, k, value, descale_q, descale_k, scale, dtype):
+    """`fp8_attention.attend_fp8` on a CPU: q and k scaled back from FP8, v rounded to FP8, exact attention."""
+    v, dv = fp8_attention.quantize(value)
+    return exact_attention(*((x.float() * d).to(dtype) for x, d in ((q, descale_q), (k, descale_k), (v, dv))), scale)
+
+
+def test_the_processor_feeds_attention_the_q_and_k_of_fp8_attention(tiny, tiny_pipe, monkeypatch):
+    """With the attention call emulated the same way, the one-pass processor (its torch reference on a CPU: per-head
+    norms, text tokens first, rotary embedding, FP8 on the same bounds) gives FP8 attention's latents."""
+    monkeypatch.setattr(fp8_attention, "attention", emulated)
+    monkeypatch.setattr(fp8_attention, "attend_fp8", emulated_fp8)
+    fp8_attention.use(tiny_pipe.transformer)
+    reference = latents(tiny_pipe, tiny)
+    fused = fluxlab.load_pipeline(tiny)
+    qk_fp8.use(fused.transformer)
+    assert fluxlab.applied(fused) == {"attention": "cudnn_fp8", "qk_fp8": True}
+    assert fluxlab.describe(fluxlab.applied(fused)) == "attention cudnn_fp8 + q/k norm + rotary + FP8 in one pass"
+    assert torch.equal(latents(fused, tiny), reference)
+
+
+def test_refused_without_fp8_attention_on_one_gpu(tiny_pipe):
+    with pytest.raises(ValueError, match="qk_fp8=True writes FP8 attention's q and k: use it with "
+                                         "attention='cudnn_fp8' on one GPU"):
+        fluxlab.optimize(tiny_pipe, qk_fp8=True)
+    with pytest.raises(ValueError, match="runs cuDNN's FP8 attention kernels for Hopper .* not on cpu"):
+        fluxlab.optimize(tiny_pipe, qk_fp8=True, attention="cudnn_fp8")
+    assert fluxlab.applied(tiny_pipe) == {}
+
+
+@pytest.mark.skipif(fp8_attention.unavailable(torch.device("cuda")) is not None if torch.cuda.is_available() else True,
+                    reason="the Triton kernel feeds cuDNN's FP8 attention (Hopper)")
+def test_the_triton_kernel_is_the_reference():
+    """At FLUX.1-dev's shapes (24 heads of 128; the double blocks' 512 text tokens before 4096 image tokens, the
+    single blocks' 4608 in one stream): the same FP8 values but for rounding ties of the norm (within one FP8 step)."""
+    generator = torch.Generator().manual_seed(0)
+    heads, dim = 24, 128
+    angles = torch.rand(4608, dim // 2, generator=generator) * 100
+    cos, sin = (f(angles).repeat_interleave(2, 1).cuda() for f in (torch.cos, torch.sin))
+    for tokens in ((512, 4096), (4608,)):
+        streams = []
+        for n in tokens:
+            norm = torch.nn.RMSNorm(dim, eps=1e-6).to("cuda", torch.bfloat16)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(dim, generator=generator) + 0.5)
+            streams.append(((torch.randn(1, n, heads * dim, generator=generator) * 3).bfloat16().cuda(), norm))
+        scale = E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams))
+        ours, expected = qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale), qk_fp8.reference(streams, cos, sin,
+                                                                                              heads, scale)
+        assert ours.shape == expected.shape == (1, sum(tokens), heads, dim) and ours.dtype == torch.float8_e4m3fn
+        differ = ours.float() != expected.float()
+        assert differ.float().mean().item() < 2e-2
+        step = 2.0 ** (torch.floor(torch.log2(expected.float().abs().clamp_min(2 ** -6))) - 3)
+        assert ((ours.float() - expected.float()).abs() <= step)[differ].all()
