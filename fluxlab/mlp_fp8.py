@@ -16,7 +16,7 @@ import torch
 from diffusers.models.activations import GELU
 
 from .gelu import gelu_tanh
-from .quant import E4M3_MAX, fp8_tensor_cores
+from .quant import fp8_tensor_cores, rowwise_fp8
 
 if torch.cuda.is_available():  # torch's CUDA wheels bring Triton, its CPU wheels do not
     from . import mlp_fp8_triton  # noqa: F401  (registers torch.ops.fluxlab.gelu_join_fp8)
@@ -34,9 +34,7 @@ def unavailable(device: torch.device) -> str | None:
 def reference(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernel computes, in torch: the bf16 row cat([attn, GELU(mlp)]) quantized as torchao quantizes a
     linear's input (rowwise, scale = bf16(max|row| / 448)); returns the FP8 rows and their float32 scales."""
-    joined = torch.cat([attn, gelu_tanh(mlp)], dim=-1)
-    scale = (joined.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float().clamp_min(1e-30)
-    return (joined.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return rowwise_fp8(torch.cat([attn, gelu_tanh(mlp)], dim=-1))
 
 
 def gelu_join_fp8(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,13 @@ GRANULARITIES = {"rowwise": PerRow, "tensorwise": PerTensor}
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest float8_e4m3fn value
 
 
+def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` quantized row by row as torchao quantizes a linear's input (scale = max|row| / 448, divided in x's dtype):
+    the float8_e4m3fn rows and their float32 scales."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float().clamp_min(1e-30)
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def fp8_tensor_cores(device: torch.device) -> bool:
     """FP8 matrix multiplies need CUDA compute capability 8.9 or newer (Ada, Hopper, Blackwell)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
