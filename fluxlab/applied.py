@@ -3,7 +3,7 @@ chapter's own library calls or `fluxlab.optimize`) applied it."""
 import torch
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from . import cache, fp8_attention, gelu, mlp_fp8, modulation, peer_exchange, qk_fp8, quant
+from . import cache, fp8_attention, gelu, mlp_fp8, modulation, norm_fp8, peer_exchange, qk_fp8, quant
 
 
 def _compile_scope(pipe) -> str | None:
@@ -26,7 +26,7 @@ def applied(pipe) -> dict:
     done = {}
     processors = transformer.attn_processors.values()
     backends = {getattr(p, "_attention_backend", None) for p in processors} - {None}
-    if any(isinstance(p, fp8_attention.FP8AttnProcessor) or getattr(p, "fp8_bounds", None) for p in processors):
+    if any(isinstance(p, fp8_attention.FP8AttnProcessor) or getattr(p, "fp8", False) for p in processors):
         backends.add(fp8_attention.NAME)
     if backends:
         done["attention"] = ", ".join(sorted(str(b).removeprefix("AttentionBackendName.") for b in backends))
@@ -36,6 +36,8 @@ def applied(pipe) -> dict:
         done["sigmoid_gelu"] = True
     if mlp_fp8.used(transformer):
         done["gelu_fp8"] = True
+    if norm_fp8.used(transformer):
+        done["norm_fp8"] = True
     if modulation.used(transformer):
         done["precompute_modulation"] = True
     if any(getattr(m, "fused_projections", False) for m in transformer.modules()):
@@ -118,6 +120,8 @@ def describe(done: dict, processes: int = 1) -> str:
         parts.append("sigmoid GELU")
     if "gelu_fp8" in done:
         parts.append("GELU + FP8 in one pass")
+    if "norm_fp8" in done:
+        parts.append("LayerNorm + modulation + FP8 in one pass")
     if "precompute_modulation" in done:
         parts.append("adaLN for all steps at once")
     if "fuse_qkv" in done:

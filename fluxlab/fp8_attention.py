@@ -39,13 +39,10 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def quantize(x: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` scaled by 448 / max|x| (or 448 / `bound`, a number no |x| exceeds) into float8_e4m3fn, and the factor
-    that scales it back (a 1x1x1x1 tensor)."""
-    if bound is None:
-        scale = E4M3_MAX / x.abs().amax().float().clamp_min(1e-12)
-    else:
-        scale = torch.full((), E4M3_MAX / bound, dtype=torch.float32, device=x.device)
+def quantize(x: torch.Tensor, bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` scaled by 448 / max|x| (or 448 / `bound`, a float32 number no |x| exceeds) into float8_e4m3fn, and the
+    factor that scales it back (a 1x1x1x1 tensor)."""
+    scale = E4M3_MAX / (x.abs().amax().float().clamp_min(1e-12) if bound is None else bound)
     return (x.float() * scale).to(torch.float8_e4m3fn).contiguous(), scale.reciprocal().reshape(1, 1, 1, 1)
 
 
@@ -57,10 +54,11 @@ def norm_bound(*norms) -> float:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
-              bounds: tuple[float, float] | None = None) -> torch.Tensor:
+              bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of (batch, sequence, heads, head_dim) tensors in FP8; returns that layout in bf16.
-    `bounds`: numbers no |query| and no |key| exceed (`norm_bound`); None: their maxima, computed."""
-    bound_q, bound_k = bounds or (None, None)
+    `bounds`: numbers no |query| and no |key| exceed (`norm_bound`, two float32 values); None: their maxima,
+    computed."""
+    bound_q, bound_k = (None, None) if bounds is None else bounds
     (q, descale_q), (k, descale_k) = quantize(query, bound_q), quantize(key, bound_k)
     return attend_fp8(q, k, value, descale_q, descale_k, scale, query.dtype)
 
@@ -151,27 +149,33 @@ def _ulysses_op(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, 
 
 
 class FP8AttnProcessor(SwappedAttnProcessor):
-    """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`), under context parallelism too;
-    `bounds`: the layer's q and k bounds (`norm_bound`)."""
+    """diffusers' FluxAttnProcessor with its attention call in FP8 (`attention`, on the layer's q and k bounds,
+    `attn.fp8_bounds`), under context parallelism too."""
 
-    def __init__(self, bounds: tuple[float, float] | None = None):
-        super().__init__()
-        self.bounds = bounds
-
-    def attend(self, query, key, value):
+    def attend(self, attn, query, key, value):
         if self._parallel_config is None:
-            return attention(query, key, value, bounds=self.bounds)
+            return attention(query, key, value, bounds=attn.fp8_bounds)
         return _templated_context_parallel_attention(
-            query, key, value, forward_op=functools.partial(_ulysses_op, bounds=self.bounds), backward_op=None,
+            query, key, value, forward_op=functools.partial(_ulysses_op, bounds=attn.fp8_bounds), backward_op=None,
             _parallel_config=self._parallel_config)
 
 
+def add_bounds(transformer) -> None:
+    """Give every attention layer the bounds of its q and k norms (`norm_bound`) as a buffer, `fp8_bounds`: an
+    input of the compiled blocks, where numbers on the processor would be constants, one compiled graph per layer
+    (the real model's norms differ; dynamo stops after 8 recompilations of one block's forward)."""
+    for attn in transformer.modules():
+        if isinstance(attn, FluxAttention):
+            bounds = [norm_bound(attn.norm_q, getattr(attn, "norm_added_q", None)),
+                      norm_bound(attn.norm_k, getattr(attn, "norm_added_k", None))]
+            attn.register_buffer("fp8_bounds", torch.tensor(bounds, dtype=torch.float32,
+                                                            device=attn.norm_q.weight.device), persistent=False)
+
+
 def use(transformer) -> None:
-    """Give every attention layer of a FLUX transformer its FP8 processor, with the bounds of its q and k norms
+    """Give every attention layer of a FLUX transformer its FP8 processor and the bounds of its q and k norms
     (before context parallelism is enabled, which hands each processor its configuration)."""
-    transformer.set_attn_processor({
-        f"{name}.processor": FP8AttnProcessor((norm_bound(attn.norm_q, getattr(attn, "norm_added_q", None)),
-                                               norm_bound(attn.norm_k, getattr(attn, "norm_added_k", None))))
-        for name, attn in transformer.named_modules() if isinstance(attn, FluxAttention)})
+    add_bounds(transformer)
+    transformer.set_attn_processor(FP8AttnProcessor())
     if transformer.device.type == "cuda":  # now, not inside a CUDA graph's memory pool on the first call
         _constants(transformer.device)

@@ -46,20 +46,29 @@ def gelu_join_fp8(attn: torch.Tensor, mlp: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.ops.fluxlab.gelu_join_fp8(attn, mlp)
 
 
-def linear(layer: torch.nn.Linear, attn: torch.Tensor | None, mlp: torch.Tensor) -> torch.Tensor:
-    """layer(cat([attn, GELU(mlp)], -1)) for a layer with a torchao FP8 rowwise weight: the input quantized by
-    `gelu_join_fp8`, then torchao's product (`torch._scaled_mm`, with the weight's own accumulation setting)."""
+def product(layer: torch.nn.Linear, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a layer with a torchao FP8 rowwise weight and x already quantized row by row (`data`: FP8
+    rows, `scale`: one float32 per row): torchao's product, `torch._scaled_mm` with the weight's own accumulation
+    setting (torchao's linear quantizes its input itself, so it cannot be handed one already in FP8)."""
     weight = layer.weight
     if getattr(weight, "act_quant_kwargs", None) is None or list(weight.block_size) != [1, weight.shape[1]]:
-        raise ValueError("gelu_fp8 feeds FP8 rowwise products: quantize the transformer first with "
+        raise ValueError("gelu_fp8 and norm_fp8 feed FP8 rowwise products: quantize the transformer first with "
                          "fluxlab.quant.quantize_fp8(pipe, 'rowwise') on an FP8 GPU.")
+    rows = data.shape[:-1]
+    out = torch._scaled_mm(data.reshape(-1, data.shape[-1]), weight.qdata.t(), scale_a=scale.reshape(-1, 1),
+                           scale_b=weight.scale.reshape(1, -1), bias=layer.bias, out_dtype=weight.dtype,
+                           use_fast_accum=weight.mm_config.use_fast_accum)
+    return out.reshape(*rows, -1)
+
+
+def linear(layer: torch.nn.Linear, attn: torch.Tensor | None, mlp: torch.Tensor) -> torch.Tensor:
+    """layer(cat([attn, GELU(mlp)], -1)) for a layer with a torchao FP8 rowwise weight: the input quantized by
+    `gelu_join_fp8`, then `product`."""
     rows = mlp.shape[:-1]
     mlp = mlp.reshape(-1, mlp.shape[-1])
     attn = mlp.new_empty(mlp.shape[0], 0) if attn is None else attn.reshape(mlp.shape[0], -1)
     data, scale = gelu_join_fp8(attn, mlp)
-    out = torch._scaled_mm(data, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.reshape(1, -1),
-                           bias=layer.bias, out_dtype=mlp.dtype, use_fast_accum=weight.mm_config.use_fast_accum)
-    return out.reshape(*rows, -1)
+    return product(layer, data, scale).reshape(*rows, -1)
 
 
 def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,

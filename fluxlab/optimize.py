@@ -9,6 +9,7 @@ from . import gelu
 from . import graphs as cuda_graphs
 from . import mlp_fp8
 from . import modulation
+from . import norm_fp8
 from . import qk_fp8
 from . import parallel as context_parallel
 from . import peer_exchange
@@ -49,7 +50,8 @@ def _require(module, device) -> None:
 
 def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device=None, compile_mode=None,
           inductor_flags=False, overlap=False, parallel=None, attention=None, exchange=None,
-          sigmoid_gelu=False, gelu_fp8=False, compile_vae=False, precompute_modulation=False, qk_fp8=False) -> None:
+          sigmoid_gelu=False, gelu_fp8=False, compile_vae=False, precompute_modulation=False, qk_fp8=False,
+          norm_fp8=False) -> None:
     """Validate optimize's arguments (and a torch.compile mode) without touching a model."""
     backends = [b.value for b in AttentionBackendName]
     if attention is not None and attention != fp8_attention.NAME and attention not in backends:
@@ -78,7 +80,7 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         raise ValueError(f"compile={compile!r}: allowed values are {COMPILE_SCOPES} (or None).")
     for name, flag in (("graphs", graphs), ("sigmoid_gelu", sigmoid_gelu), ("gelu_fp8", gelu_fp8),
                        ("compile_vae", compile_vae), ("precompute_modulation", precompute_modulation),
-                       ("qk_fp8", qk_fp8)):
+                       ("qk_fp8", qk_fp8), ("norm_fp8", norm_fp8)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name}={flag!r}: must be True or False.")
     if gelu_fp8:
@@ -91,6 +93,9 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
             raise ValueError(f"qk_fp8=True writes FP8 attention's q and k: use it with attention={fp8_attention.NAME!r} "
                              "on one GPU (parallel=None).")
         _require(qk_fp8, device)
+    if norm_fp8 and not (gelu_fp8 and attention == fp8_attention.NAME):
+        raise ValueError("norm_fp8=True hands FP8 rows to FP8 attention's projections and to the one-pass MLPs: use it "
+                         f"with attention={fp8_attention.NAME!r} and gelu_fp8=True.")
     if precompute_modulation and compile == "full":
         raise ValueError("precompute_modulation picks each step's row on the host, before the transformer runs: use "
                          "compile='regional' or None.")
@@ -118,7 +123,8 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
 
 
 def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, gelu_fp8: bool = False,
-             precompute_modulation: bool = False, qk_fp8: bool = False, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
+             precompute_modulation: bool = False, qk_fp8: bool = False,
+             norm_fp8: bool = False, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
              graphs: bool = False, cache: float | None = None, fp8: str | None = None, compile: str | None = None,
              compile_mode: str | None = None, inductor_flags: bool | str = False, overlap: bool = False,
              channels_last_vae: bool = False, compile_vae: bool = False, vae_tiling: bool = False,
@@ -127,7 +133,8 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
     attention on Hopper, `fluxlab.fp8_attention`; with `qk_fp8`, its q and k normalized, rotated and quantized in one
     kernel, `fluxlab.qk_fp8`), the tanh-GELU as x * sigmoid(2z) (`fluxlab.gelu`: a cheaper
     kernel once compiled), GELU and the FP8 quantization of the MLP outputs in one pass (`fluxlab.mlp_fp8`, with
-    fp8='rowwise' on an FP8 GPU), every step's adaLN modulations computed at the first step
+    fp8='rowwise' on an FP8 GPU; with `norm_fp8`, each LayerNorm + modulation + FP8 quantization in one pass too,
+    `fluxlab.norm_fp8`), every step's adaLN modulations computed at the first step
     (`fluxlab.modulation`), fused QKV projections, context parallelism (ulysses, ring; with exchange='peer',
     Ulysses' all-to-alls become copies into the other GPUs' memory, `fluxlab.peer_exchange`), CUDA graphs of the
     blocks (fluxlab.graphs), First Block Cache (threshold), FP8 ('rowwise'/'tensorwise'), torch.compile ('regional':
@@ -141,10 +148,12 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
     Each at most once per pipeline.
     Returns `fluxlab.applied(pipe)`."""
     check(cache, fp8, compile, graphs, offload, pipe.transformer.device, compile_mode, inductor_flags, overlap,
-          parallel, attention, exchange, sigmoid_gelu, gelu_fp8, compile_vae, precompute_modulation, qk_fp8)
+          parallel, attention, exchange, sigmoid_gelu, gelu_fp8, compile_vae, precompute_modulation, qk_fp8,
+          norm_fp8)
     done = applied(pipe)
     asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, gelu_fp8=gelu_fp8 or None,
-                 precompute_modulation=precompute_modulation or None, qk_fp8=qk_fp8 or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8,
+                 precompute_modulation=precompute_modulation or None, qk_fp8=qk_fp8 or None,
+                 norm_fp8=norm_fp8 or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8,
                  compile=compile, channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
                  vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
@@ -152,9 +161,10 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
     if "compile" in done and any(v is not None
                                  for v in (parallel, cache, fp8, graphs or None, sigmoid_gelu or None,
-                                           gelu_fp8 or None, precompute_modulation or None, qk_fp8 or None)):
+                                           gelu_fp8 or None, precompute_modulation or None, qk_fp8 or None,
+                                           norm_fp8 or None)):
         raise ValueError("the transformer is already compiled: apply parallel, graphs, cache, fp8, sigmoid_gelu, "
-                         "gelu_fp8, precompute_modulation and qk_fp8 before compile.")
+                         "gelu_fp8, precompute_modulation, qk_fp8 and norm_fp8 before compile.")
     if graphs and "cache" in done:
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
@@ -166,6 +176,8 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
         gelu.use(transformer)
     if gelu_fp8:
         mlp_fp8.use(transformer)
+    if norm_fp8:
+        norm_fp8.use(transformer)
     if precompute_modulation:
         modulation.use(pipe)
     if fuse_qkv:

@@ -105,12 +105,12 @@ def exchanged_attention(query, key, value, group: dist.ProcessGroup, attend):
 # held, say, the block's output would be overwritten by the peers' next exchange.
 @torch.library.custom_op("fluxlab::peer_attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str,
-              fp8_bounds: list[float] | None, backend: str | None) -> torch.Tensor:
+              fp8_bounds: torch.Tensor | None, backend: str | None) -> torch.Tensor:
     """`exchanged_attention` with FP8 attention (`fluxlab.fp8_attention`, with the layer's q and k bounds) when
     `fp8_bounds` is given, else a diffusers backend, between the exchanges; returns a new tensor."""
     def attend(q, k, v):
         if fp8_bounds is not None:
-            return fp8_attention.attention(q, k, v, bounds=tuple(fp8_bounds))
+            return fp8_attention.attention(q, k, v, bounds=fp8_bounds)
         return dispatch_attention_fn(q, k, v, backend=backend and AttentionBackendName(backend))
 
     return exchanged_attention(query, key, value, dist.distributed_c10d._resolve_process_group(group_name),
@@ -124,17 +124,16 @@ def _(query, key, value, group_name, fp8_bounds, backend):
 
 class PeerExchangeProcessor(SwappedAttnProcessor):
     """FLUX's attention under Ulysses context parallelism with peer exchanges (`attention`); the attention between
-    them is FP8 (`fluxlab.fp8_attention`) when `fp8_bounds` (the layer's q and k bounds) is given, else the layer's
+    them is FP8 (`fluxlab.fp8_attention`, on the layer's q and k bounds) when `fp8` is True, else the layer's
     diffusers backend."""
 
-    def __init__(self, group_name: str, fp8_bounds: tuple[float, float] | None, backend=None):
+    def __init__(self, group_name: str, fp8: bool, backend=None):
         super().__init__()
-        self.group_name, self.fp8_bounds, self._attention_backend = group_name, fp8_bounds, backend
+        self.group_name, self.fp8, self._attention_backend = group_name, fp8, backend
 
-    def attend(self, query, key, value):
+    def attend(self, attn, query, key, value):
         backend = self._attention_backend and AttentionBackendName(self._attention_backend).value
-        bounds = list(self.fp8_bounds) if self.fp8_bounds else None
-        return attention(query, key, value, self.group_name, bounds, backend)
+        return attention(query, key, value, self.group_name, attn.fp8_bounds if self.fp8 else None, backend)
 
 
 def use(transformer) -> None:
@@ -150,7 +149,7 @@ def use(transformer) -> None:
     processors = {}
     for name, processor in transformer.attn_processors.items():
         fp8 = isinstance(processor, fp8_attention.FP8AttnProcessor)
-        processors[name] = PeerExchangeProcessor(group_name, processor.bounds if fp8 else None,
+        processors[name] = PeerExchangeProcessor(group_name, fp8,
                                                  getattr(processor, "_attention_backend", None))
     transformer.set_attn_processor(processors)
 

@@ -10,10 +10,9 @@ step; v keeps its quantization by its maximum.
 """
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 
 from . import fp8_attention
-from .flux_attention import project_out
+from .flux_attention import project_out, projections
 from .quant import E4M3_MAX
 
 if torch.cuda.is_available():  # torch's CUDA wheels bring Triton, its CPU wheels do not
@@ -26,17 +25,17 @@ def unavailable(device: torch.device) -> str | None:
 
 
 def reference(streams: list[tuple[torch.Tensor, torch.nn.RMSNorm]], cos: torch.Tensor, sin: torch.Tensor,
-              heads: int, scale: float) -> torch.Tensor:
+              heads: int, scale: torch.Tensor) -> torch.Tensor:
     """What the kernel computes, in torch as FLUX's processor does it: each (batch, tokens, heads * head_dim)
-    projection through its RMSNorm per head, the streams joined in order, the rotary embedding, times `scale` into
-    float8_e4m3 (clamped to its range)."""
+    projection through its RMSNorm per head, the streams joined in order, the rotary embedding, times `scale` (a
+    float32 number) into float8_e4m3 (clamped to its range)."""
     joined = torch.cat([norm(x.unflatten(-1, (heads, -1))) for x, norm in streams], dim=1)
     rotated = apply_rotary_emb(joined, (cos, sin), sequence_dim=1)
     return (rotated.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def norm_rope_fp8(streams: list[tuple[torch.Tensor, torch.nn.RMSNorm]], cos: torch.Tensor, sin: torch.Tensor,
-                  heads: int, scale: float) -> torch.Tensor:
+                  heads: int, scale: torch.Tensor) -> torch.Tensor:
     """`reference`: the Triton kernel on a GPU (bf16 projections, one or two streams), torch elsewhere (tests)."""
     (first, first_norm), *rest = streams
     if first.device.type != "cuda":
@@ -55,32 +54,27 @@ class NormRopeFP8Processor(fp8_attention.FP8AttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None or image_rotary_emb is None or self._parallel_config is not None:
             raise ValueError("qk_fp8 takes FLUX's rotary embedding, no mask, and one GPU (no context parallelism).")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        query, key, value, encoder_query, encoder_key, encoder_value = projections(
             attn, hidden_states, encoder_hidden_states)
         q_streams, k_streams = [(query, attn.norm_q)], [(key, attn.norm_k)]
         if attn.added_kv_proj_dim is not None:
             q_streams.insert(0, (encoder_query, attn.norm_added_q))
             k_streams.insert(0, (encoder_key, attn.norm_added_k))
             value = torch.cat([encoder_value, value], dim=1)
-        (bound_q, bound_k), (cos, sin) = self.bounds, image_rotary_emb
-        q = norm_rope_fp8(q_streams, cos, sin, attn.heads, E4M3_MAX / bound_q)
-        k = norm_rope_fp8(k_streams, cos, sin, attn.heads, E4M3_MAX / bound_k)
-        # as `fp8_attention.quantize` scales back: the float32 inverse of the float32 factor
-        descale_q, descale_k = (torch.full((1, 1, 1, 1), E4M3_MAX / b, dtype=torch.float32, device=q.device)
-                                .reciprocal() for b in (bound_q, bound_k))
+        (cos, sin), scales = image_rotary_emb, E4M3_MAX / attn.fp8_bounds  # as `fp8_attention.quantize` scales
+        q = norm_rope_fp8(q_streams, cos, sin, attn.heads, scales[0])
+        k = norm_rope_fp8(k_streams, cos, sin, attn.heads, scales[1])
+        descale_q, descale_k = (s.reciprocal().reshape(1, 1, 1, 1) for s in scales)
         out = fp8_attention.attend_fp8(q, k, value.unflatten(-1, (attn.heads, -1)), descale_q, descale_k, None,
                                        query.dtype)
         return project_out(attn, out.flatten(2, 3), encoder_hidden_states)
 
 
 def use(transformer) -> None:
-    """Give every attention layer its `NormRopeFP8Processor` (the bounds of its q and k norms), in place of FP8
+    """Give every attention layer its `NormRopeFP8Processor` and the bounds of its q and k norms, in place of FP8
     attention's processor or diffusers' (before CUDA graphs and torch.compile)."""
-    transformer.set_attn_processor({
-        f"{name}.processor": NormRopeFP8Processor(
-            (fp8_attention.norm_bound(attn.norm_q, getattr(attn, "norm_added_q", None)),
-             fp8_attention.norm_bound(attn.norm_k, getattr(attn, "norm_added_k", None))))
-        for name, attn in transformer.named_modules() if isinstance(attn, FluxAttention)})
+    fp8_attention.add_bounds(transformer)
+    transformer.set_attn_processor(NormRopeFP8Processor())
     if transformer.device.type == "cuda":
         fp8_attention._constants(transformer.device)
 

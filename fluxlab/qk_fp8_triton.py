@@ -8,7 +8,7 @@ from .quant import E4M3_MAX
 
 
 @triton.jit
-def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, x_row_stride, out_tokens, offset, eps, scale,
+def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, tokens, x_row_stride, out_tokens, offset, eps,
                    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, FP8_MAX: tl.constexpr):
     """One program per token: its H heads of D in registers; RMSNorm per head (bf16 out, times the weight, bf16),
     rotary embedding of pairs (bf16), times `scale` into FP8 at token `offset` + its place in the joined sequence."""
@@ -27,16 +27,16 @@ def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, x_row_stride
     even, odd = tl.split(tl.reshape(y, [HP, D // 2, 2]))
     rotated = tl.reshape(tl.join(-odd, even), [HP, D])  # diffusers' apply_rotary_emb: (-x_imag, x_real) pairs
     out = (y * cos + rotated * sin).to(tl.bfloat16).to(tl.float32)
-    q = tl.clamp(out * scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    q = tl.clamp(out * tl.load(scale_ptr), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
     tl.store(out_ptr + ((image * out_tokens + place).to(tl.int64) * H + h) * D + d, q, mask=heads)
 
 
 @triton_op("fluxlab::norm_rope_fp8", mutates_args=())
 def norm_rope_fp8(first: torch.Tensor, first_weight: torch.Tensor, second: torch.Tensor | None,
                   second_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
-                  scale: float) -> torch.Tensor:
+                  scale: torch.Tensor) -> torch.Tensor:
     """`fluxlab.qk_fp8.reference` on the GPU: (batch, tokens, heads * head_dim) projections in bf16, `second`'s tokens
-    after `first`'s in the (batch, all tokens, heads, head_dim) FP8 output."""
+    after `first`'s in the (batch, all tokens, heads, head_dim) FP8 output; `scale`: one float32 number."""
     streams = [(first, first_weight)] + ([(second, second_weight)] if second is not None else [])
     batch, dim = first.shape[0], first.shape[2]
     total = sum(x.shape[1] for x, _ in streams)
@@ -45,7 +45,7 @@ def norm_rope_fp8(first: torch.Tensor, first_weight: torch.Tensor, second: torch
     for x, weight in streams:
         x = x if x.stride(2) == 1 and x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous()
         wrap_triton(_norm_rope_fp8)[(batch * x.shape[1],)](
-            x, weight, cos, sin, out, x.shape[1], x.stride(1), total, offset, eps, scale, heads,
+            x, weight, cos, sin, scale, out, x.shape[1], x.stride(1), total, offset, eps, heads,
             triton.next_power_of_2(heads), dim // heads, E4M3_MAX, num_warps=4)
         offset += x.shape[1]
     return out

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 ALL = "all"  # every process of the run (context parallel)
 CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
            "exchange", "sigmoid_gelu", "gelu_fp8", "compile_vae", "compile_mode", "precompute_modulation",
-           "qk_fp8")
+           "qk_fp8", "norm_fp8")
 FP8 = dict(fp8="rowwise", compile="regional")
 ONE_PASS = dict(FP8, attention="cudnn_fp8", sigmoid_gelu=True, gelu_fp8=True)  # the fastest blocks so far
 # name: (processes, optimize() arguments); context-parallel ones get parallel=(N, 1), or (1, N) with ring=True.
@@ -64,6 +64,10 @@ LADDER = {
     "fp8-attnfp8qk-gelufp8-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, compile_vae=True, graphs=True)),
     "fp8-attnfp8qk-gelufp8-mod-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, precompute_modulation=True,
                                                     compile_vae=True, graphs=True)),
+    # each LayerNorm + modulation + FP8 in one pass, read by every linear after it; then all three levers
+    "fp8-attnfp8-gelufp8-norm-vae-graphs": (1, dict(ONE_PASS, norm_fp8=True, compile_vae=True, graphs=True)),
+    "fp8-attnfp8qk-gelufp8-norm-mod-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, norm_fp8=True,
+                                                         precompute_modulation=True, compile_vae=True, graphs=True)),
     "fp8-attnfp8-gelufp8-flags-vae-graphs": (1, dict(ONE_PASS, inductor_flags=True, compile_vae=True, graphs=True)),
     # flux-fast's inductor flags one at a time, on the same rung
     "fp8-attnfp8-gelufp8-conv1x1-vae-graphs": (1, dict(ONE_PASS, inductor_flags="conv_1x1_as_mm", compile_vae=True,

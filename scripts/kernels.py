@@ -11,10 +11,10 @@
 - q or k from its projections to FP8 (`fluxlab.qk_fp8`): what FP8 attention's processor does (per-head RMSNorm,
   the double blocks' text tokens joined in front, rotary embedding, FP8 on a bound), compiled by inductor as inside
   the compiled blocks, against the one-pass Triton kernel; the share of FP8 values that differ is reported.
-- LayerNorm + modulation + FP8 before the blocks' linears (a candidate): what the compiled blocks do (LayerNorm
-  without affine, `* (1 + scale) + shift`, torchao's rowwise quantization of the linear's input), compiled by
-  inductor, against a kernel that holds each row in registers (one read, one FP8 write); share of FP8 values that
-  differ is reported.
+- LayerNorm + modulation + FP8 before the blocks' linears (`fluxlab.norm_fp8`): what the compiled blocks do
+  (LayerNorm without weights, `* (1 + scale) + shift`, torchao's rowwise quantization of a linear's input, once per
+  linear), compiled by inductor, against the kernel that holds each row in registers (one read, one FP8 write, for
+  all the linears that read it); the share of FP8 values that differ is reported.
 - adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
   scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
 Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
@@ -32,10 +32,10 @@ from triton.testing import do_bench_cudagraph
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fluxlab import fp8_attention, qk_fp8, records  # noqa: E402
+from fluxlab import fp8_attention, norm_fp8, qk_fp8, records  # noqa: E402
 from fluxlab.gelu import TWO_SQRT_2_OVER_PI  # noqa: E402
 from fluxlab.mlp_fp8_triton import _gelu_join_fp8  # noqa: E402
-from fluxlab.quant import E4M3_MAX, rowwise_fp8  # noqa: E402
+from fluxlab.quant import E4M3_MAX  # noqa: E402
 
 DIM, MLP, IMAGE, TEXT, STEPS = 3072, 12288, 4096, 512, 28
 DOUBLE, SINGLE = 19, 38
@@ -75,43 +75,6 @@ def outputs(attn, mlp) -> tuple[torch.Tensor, torch.Tensor]:
     rows = attn.shape[0]
     return (torch.empty(rows, attn.shape[1] + mlp.shape[1], device=mlp.device, dtype=torch.float8_e4m3fn),
             torch.empty(rows, 1, device=mlp.device, dtype=torch.float32))
-
-
-@triton.jit
-def _layernorm_modulate_fp8(x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr, tokens, eps, D: tl.constexpr,
-                            BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
-    """One program per token, the row in registers: LayerNorm (bf16), times 1 + scale plus shift (bf16, as the
-    blocks compute them), the row's maximum, FP8 rows and their scales as torchao writes a linear's input."""
-    row = tl.program_id(0)
-    image = row // tokens
-    d = tl.arange(0, BLOCK)
-    inside = d < D
-    x = tl.load(x_ptr + row.to(tl.int64) * D + d, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / D
-    centred = tl.where(inside, x - mean, 0.0)
-    y = (centred / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)).to(tl.bfloat16).to(tl.float32)
-    factor = (1.0 + tl.load(scale_ptr + image * D + d, mask=inside, other=0.0).to(tl.float32)).to(tl.bfloat16)
-    z = (y * factor.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-    z = (z + tl.load(shift_ptr + image * D + d, mask=inside, other=0.0).to(tl.float32)).to(tl.bfloat16)
-    z = z.to(tl.float32)
-    row_scale = tl.maximum((tl.max(tl.abs(z), 0) / FP8_MAX).to(tl.bfloat16).to(tl.float32), 1e-30)
-    tl.store(out_ptr + row.to(tl.int64) * D + d, tl.clamp(z / row_scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv),
-             mask=inside)
-    tl.store(row_scale_ptr + row, row_scale)
-
-
-def layernorm_modulate_fp8(x, shift, scale, out, row_scale):
-    """The candidate kernel on (images, tokens, dim) `x` and (images, dim) `shift`, `scale`."""
-    images, tokens, dim = x.shape
-    _layernorm_modulate_fp8[(images * tokens,)](x, shift, scale, out, row_scale, tokens, 1e-6, dim,
-                                                triton.next_power_of_2(dim), E4M3_MAX, num_warps=8)
-
-
-def layernorm_modulate_reference(x, shift, scale):
-    """What a compiled FLUX block computes before its linears: AdaLayerNormZero's `norm(x) * (1 + scale) + shift`,
-    then torchao's rowwise quantization of the linear's input."""
-    y = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
-    return rowwise_fp8(y * (1 + scale[:, None]) + shift[:, None])
 
 
 def gelu_join(attn, mlp, out, scale, warps: int = 8, two_pass_block: int | None = None):
@@ -169,7 +132,7 @@ def qk_candidates(device) -> list[dict]:
             with torch.no_grad():
                 norm.weight.uniform_(0.5, 1.5)
             streams.append((3 * torch.randn(1, n, DIM, device=device, dtype=torch.bfloat16), norm))
-        scale = E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams))
+        scale = torch.tensor(E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams)), device=device)
         today = compiled(streams, cos, sin, heads, scale)
         moved = sum(tokens) * DIM * 3  # bf16 in, FP8 out
         for name, fn in (("today: inductor", lambda: compiled(streams, cos, sin, heads, scale)),
@@ -184,21 +147,16 @@ def qk_candidates(device) -> list[dict]:
 
 
 def layernorm_candidates(device) -> list[dict]:
-    compiled = torch.compile(layernorm_modulate_reference)
+    compiled = torch.compile(norm_fp8.reference)  # as in the blocks: LayerNorm, modulation, torchao's quantization
     rows = []
     for shape, tokens in (("single blocks: 4608 tokens", IMAGE + TEXT), ("double blocks: 4096 image tokens", IMAGE)):
         x = 4 * torch.randn(1, tokens, DIM, device=device, dtype=torch.bfloat16)
         shift, scale = (torch.randn(1, DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
-        today, today_scale = compiled(x, shift, scale)
-        out = torch.empty(1, tokens, DIM, device=device, dtype=torch.float8_e4m3fn)
-        row_scale = torch.empty(1, tokens, 1, device=device, dtype=torch.float32)
-        moved = tokens * DIM * 3 + tokens * 4
-        for name, fn in (("today: inductor", lambda: compiled(x, shift, scale)),
-                         ("row in registers (Triton)", lambda: layernorm_modulate_fp8(x, shift, scale, out,
-                                                                                      row_scale))):
-            fn()
-            ours = today if name.startswith("today") else out
-            differ = (ours.float() != today.float()).float().mean().item()
+        today = compiled(x, shift, scale, 1e-6).data
+        moved = tokens * DIM * 3 + tokens * 4  # bf16 in, FP8 out, one float32 scale per row
+        for name, fn in (("today: inductor", lambda: compiled(x, shift, scale, 1e-6)),
+                         ("row in registers (Triton)", lambda: norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6))):
+            differ = (fn().data.float() != today.float()).float().mean().item()
             t = timed(fn)
             rows.append(dict(kernel="LayerNorm + modulation + FP8", shape=shape, candidate=name,
                              share_differing_from_today=round(differ, 6), **t,

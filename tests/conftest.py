@@ -35,6 +35,21 @@ def exact_attention(query, key, value, scale=None, bounds=None):
     return out.transpose(1, 2)
 
 
+def emulated(query, key, value, scale=None, bounds=None):
+    """`fluxlab.fp8_attention.attention` on a CPU: q and k rounded to FP8 on their bounds, v on its maximum, exact
+    attention."""
+    quantize = fluxlab.fp8_attention.quantize
+    (q, dq), (k, dk) = quantize(query, bounds[0]), quantize(key, bounds[1])
+    return emulated_fp8(q, k, value, dq, dk, scale, query.dtype)
+
+
+def emulated_fp8(q, k, value, descale_q, descale_k, scale, dtype):
+    """`fluxlab.fp8_attention.attend_fp8` on a CPU: q and k scaled back from FP8, v rounded to FP8, exact
+    attention."""
+    v, dv = fluxlab.fp8_attention.quantize(value)
+    return exact_attention(*((x.float() * d).to(dtype) for x, d in ((q, descale_q), (k, descale_k), (v, dv))), scale)
+
+
 def torchrun(nproc: int, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

@@ -67,7 +67,7 @@ def test_one_pass_needs_fp8_rowwise_products(tiny, tiny_pipe):
         fluxlab.optimize(tiny_pipe, gelu_fp8=1, fp8="rowwise")
     assert fluxlab.applied(tiny_pipe) == {}
     mlp_fp8.use(tiny_pipe.transformer)  # without FP8 weights the forward says what it needs
-    with pytest.raises(ValueError, match="gelu_fp8 feeds FP8 rowwise products"):
+    with pytest.raises(ValueError, match="gelu_fp8 and norm_fp8 feed FP8 rowwise products"):
         fluxlab.generate(tiny_pipe, tiny)
 
 

@@ -3,13 +3,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FirstBlockCacheConfig
+from torch._dynamo.utils import counters
 
 import fluxlab
 from fluxlab import fp8_attention, quant, shapes
 from fluxlab.applied import OFFLOAD_NAMES
 from fluxlab.optimize import INDUCTOR_FLAGS, compile_options
 
-from conftest import exact_attention, latents
+from conftest import emulated, exact_attention, latents
 
 
 def test_optimize_and_the_chapters_calls_give_the_same_pipeline(tiny):
@@ -199,3 +200,23 @@ def test_fp8_attention_is_refused_off_hopper_in_one_line(tiny_pipe):
                                          "\\(H100, H200\\); not on cpu.$"):
         fluxlab.optimize(tiny_pipe, attention="cudnn_fp8")
     assert fluxlab.applied(tiny_pipe) == {}
+
+
+def test_fp8_attention_bounds_are_inputs_of_the_compiled_blocks(tiny, monkeypatch):
+    """The q and k bounds differ from layer to layer in a trained model (the tiny one, or FLUX.1-dev): as buffers of
+    the attention layers they are inputs of the compiled block, so one graph serves every block, as without FP8
+    attention (as numbers, dynamo compiled one graph per block and stops after 8 of one forward: fullgraph fails)."""
+    monkeypatch.setattr(fp8_attention, "attention", emulated)
+    graphs = []
+    for fp8_attn in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        pipe = fluxlab.load_pipeline(tiny)
+        if fp8_attn:
+            fp8_attention.use(pipe.transformer)
+            bounds = {tuple(m.fp8_bounds.tolist()) for m in pipe.transformer.modules() if hasattr(m, "fp8_bounds")}
+            assert len(bounds) > 1  # trained norms: each layer its own bounds
+        fluxlab.graphs.capture_blocks(pipe.transformer)
+        latents(pipe, tiny)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] > 0

@@ -6,19 +6,7 @@ import fluxlab
 from fluxlab import fp8_attention, qk_fp8
 from fluxlab.quant import E4M3_MAX
 
-from conftest import exact_attention, latents
-
-
-def emulated(query, key, value, scale=None, bounds=None):
-    """`fp8_attention.attention` on a CPU: q and k rounded to FP8 on their bounds, v on its maximum, exact attention."""
-    (q, dq), (k, dk) = fp8_attention.quantize(query, bounds[0]), fp8_attention.quantize(key, bounds[1])
-    return emulated_fp8(q, k, value, dq, dk, scale, query.dtype)
-
-
-def emulated_fp8(q, k, value, descale_q, descale_k, scale, dtype):
-    """`fp8_attention.attend_fp8` on a CPU: q and k scaled back from FP8, v rounded to FP8, exact attention."""
-    v, dv = fp8_attention.quantize(value)
-    return exact_attention(*((x.float() * d).to(dtype) for x, d in ((q, descale_q), (k, descale_k), (v, dv))), scale)
+from conftest import emulated, emulated_fp8, latents
 
 
 def test_the_processor_feeds_attention_the_q_and_k_of_fp8_attention(tiny, tiny_pipe, monkeypatch):
@@ -60,7 +48,7 @@ def test_the_triton_kernel_is_the_reference():
             with torch.no_grad():
                 norm.weight.copy_(torch.rand(dim, generator=generator) + 0.5)
             streams.append(((torch.randn(1, n, heads * dim, generator=generator) * 3).bfloat16().cuda(), norm))
-        scale = E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams))
+        scale = torch.tensor(E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams)), device="cuda")
         ours, expected = qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale), qk_fp8.reference(streams, cos, sin,
                                                                                               heads, scale)
         assert ours.shape == expected.shape == (1, sum(tokens), heads, dim) and ours.dtype == torch.float8_e4m3fn
