@@ -33,7 +33,8 @@ def _layernorm_modulate_fp8(x_ptr, shift_ptr, scale_ptr, out_ptr, row_scale_ptr,
 @triton_op("fluxlab::layernorm_modulate_fp8", mutates_args=())
 def layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fluxlab.norm_fp8.reference` on the GPU, for (images, tokens, dim) bf16 `x` and (images, dim) `shift`, `scale`."""
+    """`fluxlab.norm_fp8.reference` on the GPU, for (images, tokens, dim) bf16 `x` and (images, dim) `shift` and
+    `scale`."""
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     images, tokens, dim = x.shape
     out = torch.empty(images, tokens, dim, device=x.device, dtype=torch.float8_e4m3fn)

@@ -90,8 +90,8 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         _require(mlp_fp8, device)
     if qk_fp8:
         if attention != fp8_attention.NAME or parallel is not None:
-            raise ValueError(f"qk_fp8=True writes FP8 attention's q and k: use it with attention={fp8_attention.NAME!r} "
-                             "on one GPU (parallel=None).")
+            raise ValueError("qk_fp8=True writes FP8 attention's q and k: use it with "
+                             f"attention={fp8_attention.NAME!r} on one GPU (parallel=None).")
         _require(qk_fp8, device)
     if norm_fp8 and not (gelu_fp8 and attention == fp8_attention.NAME):
         raise ValueError("norm_fp8=True hands FP8 rows to FP8 attention's projections and to the one-pass MLPs: use it "
@@ -122,9 +122,9 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
                              "torch.compile cannot trace: use compile=None and compile_vae=False.")
 
 
-def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, gelu_fp8: bool = False,
-             precompute_modulation: bool = False, qk_fp8: bool = False,
-             norm_fp8: bool = False, fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
+def optimize(pipe, *, attention: str | None = None, qk_fp8: bool = False, sigmoid_gelu: bool = False,
+             gelu_fp8: bool = False, norm_fp8: bool = False, precompute_modulation: bool = False,
+             fuse_qkv: bool = False, parallel: tuple[int, int] | None = None, exchange: str | None = None,
              graphs: bool = False, cache: float | None = None, fp8: str | None = None, compile: str | None = None,
              compile_mode: str | None = None, inductor_flags: bool | str = False, overlap: bool = False,
              channels_last_vae: bool = False, compile_vae: bool = False, vae_tiling: bool = False,
@@ -153,8 +153,8 @@ def optimize(pipe, *, attention: str | None = None, sigmoid_gelu: bool = False, 
     done = applied(pipe)
     asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, gelu_fp8=gelu_fp8 or None,
                  precompute_modulation=precompute_modulation or None, qk_fp8=qk_fp8 or None,
-                 norm_fp8=norm_fp8 or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None, cache=cache, fp8=fp8,
-                 compile=compile, channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
+                 norm_fp8=norm_fp8 or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
+                 cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
                  vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
         if value is not None and name in done:

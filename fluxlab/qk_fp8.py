@@ -44,7 +44,7 @@ def norm_rope_fp8(streams: list[tuple[torch.Tensor, torch.nn.RMSNorm]], cos: tor
     eps = first_norm.eps if first_norm.eps is not None else torch.finfo(first.dtype).eps
     return torch.ops.fluxlab.norm_rope_fp8(first, first_norm.weight, second,
                                            None if second_norm is None else second_norm.weight,
-                                           cos.float(), sin.float(), heads, eps, scale)
+                                           cos.float().contiguous(), sin.float().contiguous(), heads, eps, scale)
 
 
 class NormRopeFP8Processor(fp8_attention.FP8AttnProcessor):
