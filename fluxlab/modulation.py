@@ -49,7 +49,8 @@ class Table:
 
     @staticmethod
     def _same(key: tuple, tensors) -> bool:
-        return all((k is None and t is None) or (k is not None and t is not None and k[0]() is t and k[1] == t._version)
+        """The same tensor objects as when the key was made (alive), unchanged since (`_version`)."""
+        return all(k is None and t is None or k is not None and t is not None and k[0]() is t and k[1] == t._version
                    for k, t in zip(key, tensors))
 
     def table(self, pooled: torch.Tensor, guidance: torch.Tensor | None, timestep_dtype: torch.dtype,

@@ -10,9 +10,9 @@ from . import graphs as cuda_graphs
 from . import mlp_fp8
 from . import modulation
 from . import norm_fp8
-from . import qk_fp8
 from . import parallel as context_parallel
 from . import peer_exchange
+from . import qk_fp8
 from . import quant
 from .applied import applied
 from .settings import check_threshold
@@ -94,8 +94,8 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
                              f"attention={fp8_attention.NAME!r} on one GPU (parallel=None).")
         _require(qk_fp8, device)
     if norm_fp8 and not (gelu_fp8 and attention == fp8_attention.NAME):
-        raise ValueError("norm_fp8=True hands FP8 rows to FP8 attention's projections and to the one-pass MLPs: use it "
-                         f"with attention={fp8_attention.NAME!r} and gelu_fp8=True.")
+        raise ValueError("norm_fp8=True hands FP8 rows to FP8 attention's projections and to the one-pass MLPs: "
+                         f"use it with attention={fp8_attention.NAME!r} and gelu_fp8=True.")
     if precompute_modulation and compile == "full":
         raise ValueError("precompute_modulation picks each step's row on the host, before the transformer runs: use "
                          "compile='regional' or None.")
@@ -154,8 +154,8 @@ def optimize(pipe, *, attention: str | None = None, qk_fp8: bool = False, sigmoi
     asked = dict(attention=attention, sigmoid_gelu=sigmoid_gelu or None, gelu_fp8=gelu_fp8 or None,
                  precompute_modulation=precompute_modulation or None, qk_fp8=qk_fp8 or None,
                  norm_fp8=norm_fp8 or None, fuse_qkv=fuse_qkv or None, parallel=parallel, graphs=graphs or None,
-                 cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None, compile_vae=compile_vae or None,
-                 vae_tiling=vae_tiling or None, offload=offload)
+                 cache=cache, fp8=fp8, compile=compile, channels_last_vae=channels_last_vae or None,
+                 compile_vae=compile_vae or None, vae_tiling=vae_tiling or None, offload=offload)
     for name, value in asked.items():
         if value is not None and name in done:
             raise ValueError(f"{name} was already applied to this pipeline ({done[name]}); load a fresh one.")
