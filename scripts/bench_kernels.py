@@ -1,7 +1,7 @@
 """Time fluxlab's one-GPU kernels against candidates that would replace them, at FLUX.1-dev's shapes (1024x1024:
 4096 image and 512 text tokens, 28 steps), without loading a model.
 
-    python scripts/kernels.py [--out book/results]
+    python scripts/bench_kernels.py [--out book/results]
 
 - GELU + join + FP8 (`fluxlab.mlp_fp8_triton`): today's kernel (one program per row, the whole row in registers, 8
   warps) against the same kernel with 4 and 16 warps, and a two-pass kernel over chunks of the row (maximum first,
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "book" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels.py times CUDA kernels: run it on a GPU machine.")
+        sys.exit("bench_kernels.py times CUDA kernels: run it on a GPU machine.")
     device = torch.device("cuda")
     found = gelu_candidates(device) + qk_candidates(device) + layernorm_candidates(device) + adaln_products(device)
     gpu = torch.cuda.get_device_name(device).removeprefix("NVIDIA ").split()[0].lower()
