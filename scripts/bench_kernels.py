@@ -118,6 +118,20 @@ def gelu_candidates(device) -> list[dict]:
     return rows
 
 
+def against_today(kernel: str, shape: str, candidates: list, moved: int, fp8=lambda out: out) -> list[dict]:
+    """Each (name, function) timed, with the share of its FP8 values (`fp8` of its output) that differ from the first
+    candidate's (today's) and the bandwidth its `moved` bytes make."""
+    today = fp8(candidates[0][1]()).float()
+    rows = []
+    for name, fn in candidates:
+        differ = (fp8(fn()).float() != today).float().mean().item()
+        t = timed(fn)
+        rows.append(dict(kernel=kernel, shape=shape, candidate=name, share_differing_from_today=round(differ, 6), **t,
+                         tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def qk_candidates(device) -> list[dict]:
     heads, head_dim = DIM // 128, 128
     angles = torch.rand(IMAGE + TEXT, head_dim // 2, device=device) * 100
@@ -133,16 +147,10 @@ def qk_candidates(device) -> list[dict]:
                 norm.weight.uniform_(0.5, 1.5)
             streams.append((3 * torch.randn(1, n, DIM, device=device, dtype=torch.bfloat16), norm))
         scale = torch.tensor(E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams)), device=device)
-        today = compiled(streams, cos, sin, heads, scale)
-        moved = sum(tokens) * DIM * 3  # bf16 in, FP8 out
-        for name, fn in (("today: inductor", lambda: compiled(streams, cos, sin, heads, scale)),
-                         ("one pass (Triton)", lambda: qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale))):
-            differ = (fn().float() != today.float()).float().mean().item()
-            t = timed(fn)
-            rows.append(dict(kernel="q/k norm + rotary + FP8", shape=shape, candidate=name,
-                             share_differing_from_today=round(differ, 6), **t,
-                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
-            print(rows[-1], flush=True)
+        rows += against_today("q/k norm + rotary + FP8", shape, [
+            ("today: inductor", lambda: compiled(streams, cos, sin, heads, scale)),
+            ("one pass (Triton)", lambda: qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale))],
+            moved=sum(tokens) * DIM * 3)  # bf16 in, FP8 out
     return rows
 
 
@@ -152,16 +160,10 @@ def layernorm_candidates(device) -> list[dict]:
     for shape, tokens in (("single blocks: 4608 tokens", IMAGE + TEXT), ("double blocks: 4096 image tokens", IMAGE)):
         x = 4 * torch.randn(1, tokens, DIM, device=device, dtype=torch.bfloat16)
         shift, scale = (torch.randn(1, DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
-        today = compiled(x, shift, scale, 1e-6).data
-        moved = tokens * DIM * 3 + tokens * 4  # bf16 in, FP8 out, one float32 scale per row
-        for name, fn in (("today: inductor", lambda: compiled(x, shift, scale, 1e-6)),
-                         ("row in registers (Triton)", lambda: norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6))):
-            differ = (fn().data.float() != today.float()).float().mean().item()
-            t = timed(fn)
-            rows.append(dict(kernel="LayerNorm + modulation + FP8", shape=shape, candidate=name,
-                             share_differing_from_today=round(differ, 6), **t,
-                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
-            print(rows[-1], flush=True)
+        rows += against_today("LayerNorm + modulation + FP8", shape, [
+            ("today: inductor", lambda: compiled(x, shift, scale, 1e-6)),
+            ("row in registers (Triton)", lambda: norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6))],
+            moved=tokens * DIM * 3 + tokens * 4, fp8=lambda out: out.data)  # bf16 in, FP8 out, a scale per row
     return rows
 
 
