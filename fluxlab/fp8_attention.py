@@ -172,10 +172,11 @@ def add_bounds(transformer) -> None:
                                                             device=attn.norm_q.weight.device), persistent=False)
 
 
-def use(transformer) -> None:
-    """Give every attention layer of a FLUX transformer its FP8 processor and the bounds of its q and k norms
-    (before context parallelism is enabled, which hands each processor its configuration)."""
+def use(transformer, processor: FP8AttnProcessor | None = None) -> None:
+    """Give every attention layer of a FLUX transformer an FP8 processor (`FP8AttnProcessor`, or a subclass's
+    `processor`) and the bounds of its q and k norms (before context parallelism is enabled, which hands each
+    processor its configuration)."""
     add_bounds(transformer)
-    transformer.set_attn_processor(FP8AttnProcessor())
+    transformer.set_attn_processor(processor or FP8AttnProcessor())
     if transformer.device.type == "cuda":  # now, not inside a CUDA graph's memory pool on the first call
         _constants(transformer.device)

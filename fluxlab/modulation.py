@@ -28,8 +28,7 @@ class Table:
         self.embed = transformer.time_text_embed
         self.scheduler = scheduler
         self.norms = norms
-        self.width = sum(n.linear.out_features for n in norms)  # before `use` puts `Precomputed` in their place
-        self.tables: list[tuple[tuple, torch.Tensor]] = []  # (key, steps x images x width)
+        self.tables: list[tuple[tuple, torch.Tensor]] = []  # (key, steps x images x all layers' outputs)
         self.rows: dict[int, torch.Tensor] = {}  # images -> this step's row, at a fixed address
         self.images = None  # the batch the layers' views point into
 
@@ -72,7 +71,7 @@ class Table:
         rows = torch.cat([norm.linear.linear(norm.silu(temb)) for norm in self.norms], dim=-1)
         alive = [(key, rows) for key, rows in self.tables if all(k is None or k[0]() is not None for k in key)]
         self.tables = alive[-(KEPT - 1):]
-        self.tables.append((self._key(*tensors), rows.view(steps, images, self.width)))
+        self.tables.append((self._key(*tensors), rows.view(steps, images, -1)))
         return self.tables[-1][1]
 
 

@@ -43,14 +43,9 @@ def layernorm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     return Quantized(*torch.ops.fluxlab.layernorm_modulate_fp8(x, shift, scale, eps))
 
 
-def linear(layer: torch.nn.Linear, x: Quantized) -> torch.Tensor:
-    """layer(x) for an input already in FP8."""
-    return mlp_fp8.product(layer, x.data, x.scale)
-
-
 def feed_forward(ff, x: Quantized) -> torch.Tensor:
     """FLUX's feed-forward from an FP8 input: the projection, then GELU + FP8 in one pass into the output's."""
-    return mlp_fp8.linear(ff.net[2], None, linear(ff.net[0].proj, x))
+    return mlp_fp8.linear(ff.net[2], None, mlp_fp8.product(ff.net[0].proj, *x))
 
 
 def double_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -88,7 +83,7 @@ def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image
     x = layernorm_modulate_fp8(hidden_states, shift, scale, self.norm.norm.eps)
     attn_output = self.attn(hidden_states=x, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
     hidden_states = hidden_states + gate.unsqueeze(1) * mlp_fp8.linear(self.proj_out, attn_output,
-                                                                       linear(self.proj_mlp, x))
+                                                                       mlp_fp8.product(self.proj_mlp, *x))
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]

@@ -73,10 +73,7 @@ class NormRopeFP8Processor(fp8_attention.FP8AttnProcessor):
 def use(transformer) -> None:
     """Give every attention layer its `NormRopeFP8Processor` and the bounds of its q and k norms, in place of FP8
     attention's processor or diffusers' (before CUDA graphs and torch.compile)."""
-    fp8_attention.add_bounds(transformer)
-    transformer.set_attn_processor(NormRopeFP8Processor())
-    if transformer.device.type == "cuda":
-        fp8_attention._constants(transformer.device)
+    fp8_attention.use(transformer, NormRopeFP8Processor())
 
 
 def used(transformer) -> bool:

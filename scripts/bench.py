@@ -35,7 +35,8 @@ os.environ.setdefault("FLUXLAB_PROGRESS", "0")  # no denoising progress bars in 
 import fluxlab  # noqa: E402
 from fluxlab import ladder, parallel, peers, profiling, records  # noqa: E402
 from fluxlab import settings as settings_module  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 ALL = "all"  # every process of the run (context parallel)
 CHECKED = ("cache", "fp8", "compile", "graphs", "offload", "inductor_flags", "overlap", "parallel", "attention",
@@ -247,11 +248,8 @@ def resume(partial: Path, names: list[str], device: torch.device) -> tuple[list,
     references = {}
     latents = partial.with_suffix(".latents.safetensors")
     if latents.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(latents), "pt") as f:
-            names_by_precision = f.metadata()
-        references = {p: (names_by_precision[p], t) for p, t in load_file(str(latents)).items()}
+        with safe_open(str(latents), "pt") as f:  # one read: the tensors and their names (metadata)
+            references = {p: (f.metadata()[p], f.get_tensor(p)) for p in f.keys()}
     if done:
         records.RUN_ID = done[0]["provenance"]["run_id"]
     return done, failed, references
