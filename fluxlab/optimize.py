@@ -9,10 +9,10 @@ from . import gelu
 from . import graphs as cuda_graphs
 from . import mlp_fp8
 from . import modulation
-from . import norm_fp8
+from . import norm_fp8 as one_pass_norms
 from . import parallel as context_parallel
 from . import peer_exchange
-from . import qk_fp8
+from . import qk_fp8 as one_pass_qk
 from . import quant
 from .applied import applied
 from .settings import check_threshold
@@ -92,7 +92,7 @@ def check(cache=None, fp8=None, compile=None, graphs=False, offload=None, device
         if attention != fp8_attention.NAME or parallel is not None:
             raise ValueError("qk_fp8=True writes FP8 attention's q and k: use it with "
                              f"attention={fp8_attention.NAME!r} on one GPU (parallel=None).")
-        _require(qk_fp8, device)
+        _require(one_pass_qk, device)
     if norm_fp8 and not (gelu_fp8 and attention == fp8_attention.NAME):
         raise ValueError("norm_fp8=True hands FP8 rows to FP8 attention's projections and to the one-pass MLPs: "
                          f"use it with attention={fp8_attention.NAME!r} and gelu_fp8=True.")
@@ -169,7 +169,7 @@ def optimize(pipe, *, attention: str | None = None, qk_fp8: bool = False, sigmoi
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer
     if attention == fp8_attention.NAME:
-        (qk_fp8.use if qk_fp8 else fp8_attention.use)(transformer)
+        (one_pass_qk.use if qk_fp8 else fp8_attention.use)(transformer)
     elif attention is not None:
         transformer.set_attention_backend(attention)
     if sigmoid_gelu:
@@ -177,7 +177,7 @@ def optimize(pipe, *, attention: str | None = None, qk_fp8: bool = False, sigmoi
     if gelu_fp8:
         mlp_fp8.use(transformer)
     if norm_fp8:
-        norm_fp8.use(transformer)
+        one_pass_norms.use(transformer)
     if precompute_modulation:
         modulation.use(pipe)
     if fuse_qkv:

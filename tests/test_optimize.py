@@ -1,8 +1,11 @@
 """fluxlab.optimize composes the chapters' library calls; fluxlab.applied reads the result off the pipeline."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FirstBlockCacheConfig
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from torch._dynamo.utils import counters
 
 import fluxlab
@@ -220,3 +223,53 @@ def test_fp8_attention_bounds_are_inputs_of_the_compiled_blocks(tiny, monkeypatc
         latents(pipe, tiny)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] > 0
+
+
+def _bench():
+    """scripts/bench.py as a module: its ladder of configurations."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+BENCH = _bench()
+# Every one-process configuration composed by optimize (peers apply other tools' calls; offload moves weights to a
+# GPU, which a CPU cannot stand in for).
+ON_ONE_GPU = [name for name, (processes, kwargs) in BENCH.LADDER.items()
+              if processes == 1 and "peer" not in kwargs and "offload" not in kwargs]
+
+
+@pytest.mark.parametrize("name", ON_ONE_GPU)
+def test_every_one_gpu_configuration_checks_and_applies_as_on_a_hopper_gpu(name, tiny_pipe, monkeypatch):
+    """What the bench does on an H100, on a CPU: its option check for a CUDA device, then optimize through to the
+    processors and block forwards being installed, with the GPU-only modules reporting themselves available (the
+    kernels' torch references stand in on a CPU). Keyword arguments that shadow a module of the same name fail here
+    (optimize's qk_fp8 and norm_fp8 once did, on every GPU)."""
+    for module in (fp8_attention, fluxlab.mlp_fp8):
+        monkeypatch.setattr(module, "unavailable", lambda device: None)
+    # diffusers' set_attention_backend also sets a process-wide default for every later model: restored afterwards
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    kwargs = BENCH.optimize_kwargs(name, 1)[1]
+    fluxlab.check_options(**{k: v for k, v in kwargs.items() if k in BENCH.CHECKED}, device=torch.device("cuda"))
+    done = fluxlab.optimize(tiny_pipe, **kwargs)
+    for option, value in kwargs.items():
+        assert option in done or option in ("compile_mode", "inductor_flags"), (option, done)
+    if kwargs.get("qk_fp8"):
+        assert all(type(p).__name__ == "NormRopeFP8Processor" for p in tiny_pipe.transformer.attn_processors.values())
+    if kwargs.get("norm_fp8"):
+        transformer = tiny_pipe.transformer
+        assert {block_forward(b) for b in transformer.transformer_blocks} == {fluxlab.norm_fp8.double_block_forward}
+        assert {block_forward(b) for b in transformer.single_transformer_blocks} == {
+            fluxlab.norm_fp8.single_block_forward}
+
+
+def block_forward(block):
+    """The function a block runs: its forward, or beneath CUDA graphs the one the graph hook captures (compiled or
+    not)."""
+    registry = getattr(block, "_diffusers_hook", None)
+    graph = registry.get_hook(fluxlab.graphs.HOOK) if registry else None
+    run = graph.run if graph else block.forward
+    run = getattr(run, "_torchdynamo_orig_callable", run)
+    return getattr(run, "__func__", run)
