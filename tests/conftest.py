@@ -50,6 +50,20 @@ def emulated_fp8(q, k, value, descale_q, descale_k, scale, dtype):
     return exact_attention(*((x.float() * d).to(dtype) for x, d in ((q, descale_q), (k, descale_k), (v, dv))), scale)
 
 
+def fp8_steps(ours: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How many FP8 (e4m3) values apart each of `ours` is from `expected` (steps at the smaller magnitude of the two:
+    one value apart is one step across a power of two too)."""
+    smaller = torch.minimum(ours.float().abs(), expected.float().abs())
+    step = 2.0 ** (torch.floor(torch.log2(smaller.clamp_min(2 ** -6))) - 3)
+    return ((ours.float() - expected.float()).abs() / step).round()
+
+
+def steps_histogram(ours: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Share of values 0, 1, 2 and more FP8 steps away."""
+    steps = fp8_steps(ours, expected).clamp_max(3)
+    return {("3+" if k == 3 else int(k)): round((steps == k).float().mean().item(), 6) for k in range(4)}
+
+
 def torchrun(nproc: int, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

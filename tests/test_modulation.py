@@ -80,6 +80,7 @@ def test_refused_where_the_row_cannot_be_picked_before_the_transformer(tiny_pipe
         t(torch.zeros(1, 4, t.config.in_channels))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fluxlab.quant.fp8_tensor_cores(torch.device("cuda"))),
                     reason="CUDA graphs of FP8 blocks need an FP8 GPU")
 def test_block_graphs_replay_with_each_step_s_row():

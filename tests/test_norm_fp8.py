@@ -4,9 +4,9 @@ import torch
 
 import fluxlab
 from fluxlab import fp8_attention, mlp_fp8, norm_fp8, qk_fp8
-from fluxlab.quant import rowwise_fp8
+from fluxlab.quant import E4M3_MAX, rowwise_fp8
 
-from conftest import emulated, emulated_fp8, latents
+from conftest import emulated, emulated_fp8, fp8_steps, latents, steps_histogram
 
 READERS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "net.0.proj")
 
@@ -54,19 +54,36 @@ def test_refused_without_fp8_attention_and_the_one_pass_mlps(tiny_pipe):
     assert fluxlab.applied(tiny_pipe) == {}
 
 
+def exact(x, shift, scale, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel computes, in float64 until the FP8 rounding: the FP8 rows and their scales (max / 448)."""
+    x = x.double()
+    y = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    z = y * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    row_scale = z.abs().amax(-1, keepdim=True) / E4M3_MAX
+    return (z / row_scale).clamp(-E4M3_MAX, E4M3_MAX).float().to(torch.float8_e4m3fn), row_scale
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fluxlab.quant.fp8_tensor_cores(torch.device("cuda"))),
                     reason="the Triton kernel runs on an FP8 GPU")
 def test_the_triton_kernel_is_the_reference():
-    """At FLUX.1-dev's width: the same FP8 rows and scales but for rounding ties (within one FP8 step)."""
+    """At FLUX.1-dev's width, against the math in float64: the same row scales to float32's precision and the same
+    FP8 values but where float32's last bits move one across an FP8 rounding boundary (one step). torch's bf16
+    reference (the blocks' eager steps, each rounded to bf16, and torchao's scale rounded to bf16) is printed beside
+    it: measured on one H100 its row scales were the kernel's in 83% of rows only, which a test of the kernel
+    against it took for the kernel's error."""
     generator = torch.Generator().manual_seed(0)
     for images, tokens in ((1, 4608), (2, 512)):
         x = (torch.randn(images, tokens, 3072, generator=generator) * 4).bfloat16().cuda()
         shift, scale = ((torch.randn(images, 3072, generator=generator)).bfloat16().cuda() for _ in range(2))
-        ours, expected = norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6), norm_fp8.reference(x, shift, scale,
-                                                                                                    1e-6)
-        assert ours.data.shape == expected.data.shape and ours.scale.shape == expected.scale.shape
-        assert (ours.scale == expected.scale).float().mean().item() > 0.99
-        differ = ours.data.float() != expected.data.float()
-        assert differ.float().mean().item() < 1e-2
-        step = 2.0 ** (torch.floor(torch.log2(expected.data.float().abs().clamp_min(2 ** -6))) - 3)
-        assert ((ours.data.float() - expected.data.float()).abs() <= step)[differ].all()
+        ours = norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6)
+        expected, expected_scale = exact(x, shift, scale, 1e-6)
+        bf16 = norm_fp8.reference(x, shift, scale, 1e-6)
+        print(f"LayerNorm {images}x{tokens}: FP8 steps from float64, kernel {steps_histogram(ours.data, expected)}, "
+              f"torch bf16 {steps_histogram(bf16.data, expected)}; row scales off by more than 1e-6: kernel "
+              f"{((ours.scale / expected_scale - 1).abs() > 1e-6).float().mean().item():.4f}, torch bf16 "
+              f"{((bf16.scale / expected_scale - 1).abs() > 1e-6).float().mean().item():.4f}")
+        assert ours.data.shape == expected.shape and ours.scale.shape == expected_scale.shape
+        torch.testing.assert_close(ours.scale.double(), expected_scale, rtol=1e-6, atol=0)
+        assert (ours.data.float() != expected.float()).float().mean().item() < 1e-3
+        assert fp8_steps(ours.data, expected).max().item() <= 1
