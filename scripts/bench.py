@@ -20,9 +20,14 @@ latents references beside it). On one process, `--resume` goes on with an interr
 same GPU (a machine kept between calls whose time is limited): its records keep the run's id.
 """
 import argparse
+import collections
+import faulthandler
 import gc
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -142,6 +147,49 @@ def cap_memory(device: torch.device, cap_gb: float | None) -> None:
         device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total) if cap_gb else 1.0, device)
+
+
+class Stage(dict):
+    """`run_config`'s stage (`stage["now"]`), printed with the seconds since this process began it as it changes: a
+    log, or a stack dump at a time limit, then says where a configuration was."""
+
+    def __init__(self):
+        super().__init__()
+        self.start, self.began = time.perf_counter(), {}
+
+    def __setitem__(self, key, value):
+        self.began[value] = round(time.perf_counter() - self.start, 1)
+        print(f"[{self.began[value]:.1f} s] {value}", flush=True)
+        super().__setitem__(key, value)
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: the kernel ends it when its parent dies (a parent killed at a call's time limit
+    leaves no configuration running on the GPU)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    """A command in a process session of its own (with its children: inductor's compile workers) and its output in
+    `out` (a file: with its errors; PIPE: each on its own pipe). `stop` dumps every thread's Python stack into that output (the child registers faulthandler on SIGUSR1,
+    as this script does), then ends them all."""
+
+    def __init__(self, command: list[str], out, env: dict | None = None):
+        self.start = time.monotonic()
+        self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE if out == subprocess.PIPE
+                                        else subprocess.STDOUT, cwd=ROOT, text=True,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def stop(self) -> None:
+        os.kill(self.process.pid, signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def run_config(name: str, settings, world, args, references: dict, traffic, stage: dict) -> dict | None:
@@ -271,7 +319,11 @@ def main():
                         help="go on with the progress file of an interrupted one-process run on the same GPU")
     parser.add_argument("--profile", action="store_true",
                         help="per process: compute / exposed communication / idle of one image; bare all-to-all")
+    parser.add_argument("--config-limit", type=float, default=1200,
+                        help="seconds a configuration of a one-process run may take, cold start included")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of a one-process run: this configuration only
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where every thread is, then go on
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in LADDER]
     try:
@@ -281,6 +333,8 @@ def main():
             raise ValueError(f"unknown or no configuration(s) {unknown}; allowed: {list(LADDER)}")
         if len(set(names)) != len(names):
             raise ValueError(f"a configuration is listed twice: {names}")
+        if args.one and args.one not in names:
+            raise ValueError(f"--one {args.one!r} is not one of --configs")
         records.git_commit()  # the records' provenance, checked before anything loads
         settings = fluxlab.check_settings(args.source, steps=args.steps, height=args.height, width=args.width)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -320,20 +374,36 @@ def main():
     final = Path(args.out) / ladder.bench_file(world.world_size, args.tag)
     partial = final.with_name(final.stem + ".partial.json")
     done, failed, references = [], [], {}
-    if args.resume:
+    if args.resume or (args.one and partial.exists()):
         try:
             done, failed, references = resume(partial, names, settings.device)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
+    if world.world_size == 1 and not args.one:
+        if not args.resume:  # a new run: an earlier run's progress file is not this one's
+            partial.unlink(missing_ok=True)
+            partial.with_suffix(".latents.safetensors").unlink(missing_ok=True)
+        done, failed = each_in_its_own_process(names, args, partial, settings.device)
+    else:
+        run_here([args.one] if args.one else names, names, done, failed, references, settings, world, args, traffic,
+                 partial)
+    if world.is_main and not args.one:
+        finish(names, done, failed, partial, final)
+
+
+def run_here(todo: list[str], names: list[str], done: list, failed: list, references: dict, settings, world, args,
+             traffic, partial: Path) -> None:
+    """Run each of `todo` not yet run in this process (every process of a context-parallel run), adding its record
+    or failure to `done` or `failed` and to the progress file."""
     ran = {r["name"] for r in done} | {f["name"] for f in failed}
-    for i, name in enumerate(names):
+    for name in todo:
         if name in ran:
             continue
-        stage = {}
+        stage = Stage()
         try:
             rec = run_config(name, settings, world, args, references, traffic, stage)
         except Exception as err:  # an error or torch.OutOfMemoryError; one process's configurations only
-            if i == 0 or optimize_kwargs(name, world.world_size)[0] > 1:
+            if name == names[0] or optimize_kwargs(name, world.world_size)[0] > 1:
                 raise
             traceback.print_exc()
             failed.append(failure(name, stage.get("now", "load"), err, settings.device))
@@ -346,10 +416,71 @@ def main():
         if world.is_main and (rec or failed):
             records.write(partial, done, failed)  # progress, apart from the last complete file
             save_references(partial.with_suffix(".latents.safetensors"), references)
-    if not world.is_main:
-        return
+
+
+def each_in_its_own_process(names: list[str], args, partial: Path, device: torch.device) -> tuple[list, list]:
+    """Run each configuration of a one-process run in a fresh process (this script with `--one`), one after another,
+    so that nothing one leaves (compiled graphs, inductor settings a tool switches on for the whole process, memory
+    pools, a crash) reaches the next; each has `--config-limit` seconds, cold start included. The children add
+    their records, failures and latents references to the progress file; one that crashes or runs past its limit
+    is recorded here as failed (at the limit with a dump of its threads' stacks in the output), and the run goes
+    on, unless it is the first configuration (the run's reference). Returns the records and failures."""
+    env = {"FLUXLAB_RUN_ID": records.RUN_ID}  # one run id for every child's records
+    for name in names:
+        done, failed = progress(partial)
+        if name in {r["name"] for r in done} | {f["name"] for f in failed}:
+            continue
+        command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--configs", ",".join(names),
+                   "--source", args.source, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--repeats", str(args.repeats), "--out", args.out, "--tag", args.tag]
+        command += [f"--{side}={getattr(args, side)}" for side in ("height", "width") if getattr(args, side)]
+        command += ["--profile"] if args.profile else []
+        child, tail = Child(command, subprocess.PIPE, env), collections.deque(maxlen=40)
+        readers = [threading.Thread(target=_echo, args=(stream, to, tail), daemon=True)
+                   for stream, to in ((child.process.stdout, sys.stdout), (child.process.stderr, sys.stderr))]
+        for reader in readers:
+            reader.start()
+        try:
+            child.process.wait(timeout=args.config_limit)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            child.stop()
+            timed_out = True
+        for reader in readers:
+            reader.join(timeout=10)
+        done, failed = progress(partial)
+        if name in {r["name"] for r in done} | {f["name"] for f in failed}:
+            continue
+        stage = next((line.split("] ", 1)[1].strip() for line in reversed(tail) if line.startswith("[")), "load")
+        why = (f"timed out after {args.config_limit:.0f} s (a process of its own; its threads' stacks are in the "
+               f"run's output)" if timed_out else f"its process ended with exit code {child.process.returncode}")
+        if name == names[0]:
+            raise SystemExit(f"error: the run's reference {name} failed in {stage}: {why}")
+        failed.append(failure(name, stage, RuntimeError(why), device))
+        print(f"{name}: FAILED, recorded and skipped: {failed[-1]['error']}", flush=True)
+        records.write(partial, done, failed)
+    return progress(partial)
+
+
+def _echo(stream, to, tail: collections.deque) -> None:
+    """A child's output line by line into ours, the last lines kept."""
+    for line in stream:
+        to.write(line)
+        to.flush()
+        tail.append(line)
+
+
+def progress(partial: Path) -> tuple[list, list]:
+    """The records and failures a progress file holds so far (none if there is none)."""
+    if not partial.exists():
+        return [], []
+    return [{k: v for k, v in r.items() if k != "_path"} for r in records.read(partial)], records.failures(partial)
+
+
+def finish(names: list[str], done: list, failed: list, partial: Path, final: Path) -> None:
+    """The run's file from its records and failures, its progress file gone, a table of it."""
     records.write(final, done, failed)
-    partial.unlink()
+    partial.unlink(missing_ok=True)
     partial.with_suffix(".latents.safetensors").unlink(missing_ok=True)
     reference = done[0]["timing"]["median_s"]
     print(f"\n{'config':<26}{'procs':>6}{'median s':>10}{'min s':>8}{'vs ' + names[0]:>16}{'cold s':>8}{'peak GB':>9}")

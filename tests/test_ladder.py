@@ -233,3 +233,14 @@ def test_an_interrupted_run_resumes_with_its_run_id_and_latents_references(tmp_p
     wrong = subprocess.run(command[:-2] + ["--configs", "compile,baseline", "--out", str(tmp_path), "--resume"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "--resume: no progress file" in wrong.stderr
+
+
+def test_a_configuration_past_its_limit_is_stopped_with_its_stacks(tmp_path):
+    """One-process runs give each configuration a process of its own and a time limit: past it, its threads' stacks
+    go to the output and it is ended; the run's reference past it ends the run without a results file."""
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "1000", "--configs", "baseline,compile",
+                      "--warmup", "1", "--repeats", "1", "--out", tmp_path, "--config-limit", "8", timeout=120)
+    assert result.returncode != 0
+    assert "error: the run's reference baseline failed in warm-up and timed calls: timed out after 8 s" in result.stderr
+    assert "most recent call first" in result.stderr and "[0.0 s] load" in result.stdout
+    assert not (tmp_path / "bench-1gpu.json").exists()
