@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from IPython.display import Markdown
 
 KIND_COLOURS = {"FP8 GEMM": "#c44e52", "GEMM (bf16)": "#dd8452", "attention": "#4c72b0",
-                "fused elementwise / quantization (triton)": "#55a868", "communication": "#8172b3",
+                "fused elementwise / quantization (triton)": "#55a868", "fluxlab's kernels (triton)": "#64b5cd",
+                "communication": "#8172b3",
                 "convolution": "#937860", "other": "#8c8c8c"}
 SAME = 0.01  # rungs within 1% of their previous rung count as no change
 

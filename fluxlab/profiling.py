@@ -18,9 +18,11 @@ from .pipeline import generate
 # Kernel name patterns, tried in this order (inductor's fused kernels name the ops they fuse, e.g.
 # "triton_..._scaled_mm_...", so they come first; cuBLAS's FP8 kernels are "nvjet_..._qqtst_...").
 # The peer exchanges' barrier (torch symmetric memory's "barrier_kernel") counts as communication; their copies into
-# the peers' memory are copy kernels like any other and count as compute. fluxlab's own Triton kernel
-# (`fluxlab.mlp_fp8`) counts with inductor's.
-KERNEL_KINDS = {"fused elementwise / quantization (triton)": ("triton", "_gelu_join_fp8"),
+# the peers' memory are copy kernels like any other and count as compute. fluxlab's own Triton kernels
+# (`fluxlab.mlp_fp8`, `fluxlab.qk_fp8`, `fluxlab.norm_fp8`) are a kind of their own, so that "other" means other.
+FLUXLAB_KERNELS = "fluxlab's kernels (triton)"
+KERNEL_KINDS = {FLUXLAB_KERNELS: ("_gelu_join_fp8", "_norm_rope_fp8", "_layernorm_modulate_fp8"),
+                "fused elementwise / quantization (triton)": ("triton",),
                 "communication": ("nccl", "all_to_all", "barrier_kernel"),
                 "attention": ("flash", "fmha", "sdpa", "attn", "attention"),
                 "FP8 GEMM": ("qqtst", "f8", "e4m3", "scaled_mm"), "convolution": ("implicit_gemm", "conv", "fprop"),

@@ -8,13 +8,16 @@
   then GELU again and the FP8 write; the second read mostly from L2). A candidate counts only if its output is
   bit-identical to today's. Reported as time per call and bandwidth (bytes read and written over time), at the
   single blocks' shape (attention output joined) and the double blocks' image feed-forward.
-- q or k from its projections to FP8 (`fluxlab.qk_fp8`): what FP8 attention's processor does (per-head RMSNorm,
-  the double blocks' text tokens joined in front, rotary embedding, FP8 on a bound), compiled by inductor as inside
-  the compiled blocks, against the one-pass Triton kernel; the share of FP8 values that differ is reported.
-- LayerNorm + modulation + FP8 before the blocks' linears (`fluxlab.norm_fp8`): what the compiled blocks do
-  (LayerNorm without weights, `* (1 + scale) + shift`, torchao's rowwise quantization of a linear's input, once per
-  linear), compiled by inductor, against the kernel that holds each row in registers (one read, one FP8 write, for
-  all the linears that read it); the share of FP8 values that differ is reported.
+- q or k from its projections to FP8 (`fluxlab.qk_fp8`): the one-pass Triton kernel (4 warps) against itself with
+  1, 2 and 8 warps, and against what FP8 attention's processor did before it (per-head RMSNorm, the double blocks'
+  text tokens joined in front, rotary embedding, FP8 on a bound, compiled by inductor as inside the compiled
+  blocks); the share of FP8 values that differ from the kernel's is reported.
+- LayerNorm + modulation + FP8 before the blocks' linears (`fluxlab.norm_fp8`): the kernel that holds each row in
+  registers (8 warps; one read, one FP8 write for all the linears that read it) against itself with 4 and 16 warps,
+  and against what the compiled blocks did before it (LayerNorm without weights, `* (1 + scale) + shift`, torchao's
+  rowwise quantization of a linear's input, once per linear, compiled by inductor).
+The q/k and LayerNorm rows give each its bandwidth next to its bound: the time a device-to-device copy (measured in
+the same run) takes to read and write the same bytes.
 - adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
   scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
 Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
@@ -118,21 +121,32 @@ def gelu_candidates(device) -> list[dict]:
     return rows
 
 
-def against_today(kernel: str, shape: str, candidates: list, moved: int, fp8=lambda out: out) -> list[dict]:
+def copy_bandwidth(device) -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read and written): the bound of a kernel whose work
+    is to read its input and write its output once."""
+    src = torch.empty(2 ** 29, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (timed(lambda: dst.copy_(src))["min_ms"] * 1e-3)
+
+
+def against_today(kernel: str, shape: str, candidates: list, moved: int, bandwidth: float,
+                  fp8=lambda out: out) -> list[dict]:
     """Each (name, function) timed, with the share of its FP8 values (`fp8` of its output) that differ from the first
-    candidate's (today's) and the bandwidth its `moved` bytes make."""
+    candidate's (today's), the bandwidth its `moved` bytes make and the time a copy of them takes (the bound)."""
     today = fp8(candidates[0][1]()).float()
+    bound_ms = moved / bandwidth * 1e3
     rows = []
     for name, fn in candidates:
         differ = (fp8(fn()).float() != today).float().mean().item()
         t = timed(fn)
         rows.append(dict(kernel=kernel, shape=shape, candidate=name, share_differing_from_today=round(differ, 6), **t,
-                         tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
+                         tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3), bound_ms=round(bound_ms, 5),
+                         bound_tb_per_s=round(bandwidth / 1e12, 3), of_bound=round(bound_ms / t["min_ms"], 3)))
         print(rows[-1], flush=True)
     return rows
 
 
-def qk_candidates(device) -> list[dict]:
+def qk_candidates(device, bandwidth: float) -> list[dict]:
     heads, head_dim = DIM // 128, 128
     angles = torch.rand(IMAGE + TEXT, head_dim // 2, device=device) * 100
     cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
@@ -147,23 +161,37 @@ def qk_candidates(device) -> list[dict]:
                 norm.weight.uniform_(0.5, 1.5)
             streams.append((3 * torch.randn(1, n, DIM, device=device, dtype=torch.bfloat16), norm))
         scale = torch.tensor(E4M3_MAX / fp8_attention.norm_bound(*(norm for _, norm in streams)), device=device)
+        (first, first_norm), *rest = streams
+        second, second_norm = rest[0] if rest else (None, None)
+
+        def one_pass(warps):  # the op `qk_fp8.norm_rope_fp8` calls, with `warps` warps
+            return lambda: torch.ops.fluxlab.norm_rope_fp8(
+                first, first_norm.weight, second, None if second_norm is None else second_norm.weight, cos, sin,
+                heads, 1e-6, scale, warps)
+
         rows += against_today("q/k norm + rotary + FP8", shape, [
-            ("today: inductor", lambda: compiled(streams, cos, sin, heads, scale)),
-            ("one pass (Triton)", lambda: qk_fp8.norm_rope_fp8(streams, cos, sin, heads, scale))],
-            moved=sum(tokens) * DIM * 3)  # bf16 in, FP8 out
+            ("today: one pass (Triton), 4 warps", one_pass(4)), ("one pass, 1 warp", one_pass(1)),
+            ("one pass, 2 warps", one_pass(2)), ("one pass, 8 warps", one_pass(8)),
+            ("inductor (before the kernel)", lambda: compiled(streams, cos, sin, heads, scale))],
+            moved=sum(tokens) * DIM * 3, bandwidth=bandwidth)  # bf16 in, FP8 out
     return rows
 
 
-def layernorm_candidates(device) -> list[dict]:
+def layernorm_candidates(device, bandwidth: float) -> list[dict]:
     compiled = torch.compile(norm_fp8.reference)  # as in the blocks: LayerNorm, modulation, torchao's quantization
     rows = []
     for shape, tokens in (("single blocks: 4608 tokens", IMAGE + TEXT), ("double blocks: 4096 image tokens", IMAGE)):
         x = 4 * torch.randn(1, tokens, DIM, device=device, dtype=torch.bfloat16)
         shift, scale = (torch.randn(1, DIM, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+        def one_pass(warps):  # the op `norm_fp8.layernorm_modulate_fp8` calls, with `warps` warps
+            return lambda: norm_fp8.Quantized(*torch.ops.fluxlab.layernorm_modulate_fp8(x, shift, scale, 1e-6, warps))
+
         rows += against_today("LayerNorm + modulation + FP8", shape, [
-            ("today: inductor", lambda: compiled(x, shift, scale, 1e-6)),
-            ("row in registers (Triton)", lambda: norm_fp8.layernorm_modulate_fp8(x, shift, scale, 1e-6))],
-            moved=tokens * DIM * 3 + tokens * 4, fp8=lambda out: out.data)  # bf16 in, FP8 out, a scale per row
+            ("today: row in registers (Triton), 8 warps", one_pass(8)), ("row in registers, 4 warps", one_pass(4)),
+            ("row in registers, 16 warps", one_pass(16)),
+            ("inductor (before the kernel)", lambda: compiled(x, shift, scale, 1e-6))],
+            moved=tokens * DIM * 3 + tokens * 4, bandwidth=bandwidth, fp8=lambda out: out.data)
     return rows
 
 
@@ -197,10 +225,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py times CUDA kernels: run it on a GPU machine.")
     device = torch.device("cuda")
-    found = gelu_candidates(device) + qk_candidates(device) + layernorm_candidates(device) + adaln_products(device)
+    bandwidth = copy_bandwidth(device)
+    print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + written)", flush=True)
+    found = (qk_candidates(device, bandwidth) + layernorm_candidates(device, bandwidth) + gelu_candidates(device)
+             + adaln_products(device))
     gpu = torch.cuda.get_device_name(device).removeprefix("NVIDIA ").split()[0].lower()
     path = Path(args.out) / f"kernels-{gpu}.json"
-    records.replace_atomically(path, json.dumps(dict(provenance=records.provenance(device, 1), kernels=found),
+    records.replace_atomically(path, json.dumps(dict(provenance=records.provenance(device, 1),
+                                                     copy_tb_per_s=round(bandwidth / 1e12, 3), kernels=found),
                                                 indent=1).encode())
     print(f"wrote {path}")
 

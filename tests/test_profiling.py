@@ -26,7 +26,8 @@ def test_breakdown_separates_compute_exposed_communication_and_idle():
 
 @pytest.mark.parametrize("name, kind", [
     ("triton_red_fused__scaled_mm_abs_amax_0", "fused elementwise / quantization (triton)"),
-    ("_gelu_join_fp8", "fused elementwise / quantization (triton)"),
+    ("_gelu_join_fp8", "fluxlab's kernels (triton)"), ("_norm_rope_fp8", "fluxlab's kernels (triton)"),
+    ("_layernorm_modulate_fp8", "fluxlab's kernels (triton)"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
     ("nvjet_sm90_qqtst_128x128", "FP8 GEMM"), ("ncclDevKernel_SendRecv", "communication"),
     ("sm90_xmma_gemm_bf16", "GEMM (bf16)"), ("void at::native::elementwise_kernel", "other"),
