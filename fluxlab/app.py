@@ -6,8 +6,9 @@ is checked before any process starts or any weight loads: options, the socket (b
 uvicorn), the model source against the device, the GPUs' free memory.
 
 Status codes: 200 the image; 400 a request that breaks a rule (the message names the field, the value and what is
-allowed); 404/405 another path or method; 413 a body over `MAX_BODY_BYTES`; 415 a body sent as another media type
-than JSON; 500 the pipeline failed on every
+allowed) or a body that is not a JSON object (not UTF-8, not JSON, nested too deeply: it says which, and where);
+404/405 another path or method; 408 a body that did not arrive within `--body-timeout-s` of its headers; 413 a body
+over `MAX_BODY_BYTES`; 415 a body sent without `Content-Type: application/json`; 500 the pipeline failed on every
 process (the pool serves on); 503 the pool is unhealthy or a process failed or died (it restarts); 504 a request
 outlived `--request-timeout-s` (the pool restarts). Every response carries `X-Request-Id` and `X-Process-Time-s`
 (seconds to its first byte), and the server logs one line per request with both. Every error's body is
@@ -59,41 +60,77 @@ def request_model(pool: Pool) -> type[BaseModel]:
                         __validators__=dict(checked=model_validator(mode="after")(checked)), **fields)
 
 
-def explain(errors: list[dict]) -> str:
-    """pydantic's errors as one line a client can act on: the field, the value and what is allowed."""
+MAX_NAMED = 10  # unknown fields an error names; the rest are counted
+MAX_PART_CHARS = 300  # of each part of an error: a value the client sent is quoted shortened
+
+
+def _short(text: str, limit: int = MAX_PART_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def explain(errors: list[dict], document: str = "") -> str:
+    """pydantic's errors as one line a client can act on, whatever the input's size (under 2 KB): the field, the
+    value and what is allowed; unknown fields each once (at most `MAX_NAMED`), the allowed ones once. `document`:
+    the body as the JSON parser read it, for where a syntax error is."""
+    unknown = list(dict.fromkeys(str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden"))
     parts = []
     for e in errors:
         where = [str(x) for x in e["loc"] if x != "body"]
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown field {where[-1]!r}; allowed: {list(REQUEST_FIELDS)}")
-        elif e["type"] == "value_error":
+            continue
+        if e["type"] == "value_error":
             parts.append(e["msg"].removeprefix("Value error, "))
         elif e["type"] == "json_invalid":
-            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+            parts.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])} "
+                         f"{_line_column(document, e['loc'][-1])}")
         elif e["type"] in ("model_attributes_type", "dict_type", "model_type"):
             parts.append('the body must be a JSON object, e.g. {"prompt": "...", "seed": 1}')
         else:
-            parts.append(f"{'.'.join(where) or 'body'}={e.get('input')!r}: {e['msg']}")
-    return "; ".join(parts)
+            parts.append(f"{'.'.join(where) or 'body'}={_short(repr(e.get('input')), 80)}: {e['msg']}")
+    parts = list(dict.fromkeys(parts))[:3]
+    if unknown:
+        named = ", ".join(repr(_short(name, 40)) for name in unknown[:MAX_NAMED])
+        more = f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""
+        parts.append(f"unknown field{'s' if len(unknown) > 1 else ''} {named}{more}; allowed: {list(REQUEST_FIELDS)}")
+    return "; ".join(_short(p, 2 * MAX_PART_CHARS if p.startswith("unknown") else MAX_PART_CHARS) for p in parts)
 
 
-PARSE_FAILED = "the body could not be parsed as JSON (is it nested too deeply?)"
+def _line_column(document, position) -> str:
+    """'at line L, column C' of a character position in the parsed text (as Python's json counts them)."""
+    if not isinstance(position, int) or not isinstance(document, str):
+        return ""
+    line = document.count("\n", 0, position) + 1
+    return f"at line {line}, column {position - document.rfind(chr(10), 0, position)}"
+
+
+def parse_failure(cause: BaseException | None) -> str:
+    """Why FastAPI could not read a JSON body (what its parser raised other than a JSON syntax error)."""
+    if isinstance(cause, UnicodeDecodeError):  # JSON is UTF-8 (RFC 8259); Python's parser also reads UTF-16/32
+        return (f"the body is not valid UTF-8: byte {cause.start} ({cause.object[cause.start:cause.start + 1]!r}) "
+                f"{cause.reason}" + ("" if cause.encoding == "utf-8" else f" (read as {cause.encoding})"))
+    if isinstance(cause, RecursionError):
+        return "the body is nested too deeply to be parsed as JSON"
+    return f"the body could not be parsed as JSON ({_short(str(cause), 200)})"
 
 
 def is_json(content_type: str | None) -> bool:
-    """Whether FastAPI reads a body of this Content-Type as JSON: none, application/json or application/*+json."""
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json (a body
+    without one it leaves unread: FastAPI's strict content type, which keeps browsers' cross-site simple requests
+    out)."""
     if not content_type:
-        return True
+        return False
     kind = content_type.split(";")[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes, declared or streamed (chunked), before the app reads them:
-    neither Starlette nor uvicorn sets such a limit."""
+    """Refuse request bodies over `limit` bytes, declared or streamed (chunked), and bodies that have not all arrived
+    `timeout_s` seconds after the request's headers (408, connection closed: a client that sends slowly or stops
+    mid-body holds no socket for longer), before the app reads them: neither Starlette nor uvicorn sets either
+    limit."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,9 +138,15 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")  # uvicorn's parser refuses a malformed one
         if declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
+        deadline = time.monotonic() + self.timeout_s
         body, more = b"", True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                error = f"the body did not arrive within {self.timeout_s:g} s ({len(body)} bytes came)"
+                return await JSONResponse(dict(error=error), 408, headers={"Connection": "close"})(scope, receive,
+                                                                                                   send)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -164,21 +207,27 @@ class RequestLog:
                   file=sys.stderr, flush=True)
 
 
-def make_app(pool: Pool):
+BODY_TIMEOUT_S = 30.0  # a request's whole body must arrive within this many seconds of its headers
+
+
+def make_app(pool: Pool, body_timeout_s: float = BODY_TIMEOUT_S):
     GenerateRequest = request_model(pool)
     app = FastAPI(title="fluxlab", summary="FLUX images from a persistent pool of processes",
                   description=__doc__.split("\n\n", 1)[1])
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, err: RequestValidationError):
-        if await request.body() and not is_json(request.headers.get("content-type")):
-            return JSONResponse(dict(error=f"the body is sent as {request.headers.get('content-type')!r}; send it "
-                                           "as JSON, with the header 'Content-Type: application/json'"), 415)
-        return JSONResponse(dict(error=explain(err.errors())), 400)
+        content_type = request.headers.get("content-type")
+        if await request.body() and not is_json(content_type):
+            sent = f"as {_short(content_type, 80)!r}" if content_type else "without a Content-Type"
+            return JSONResponse(dict(error=f"the body is sent {sent}; send it as JSON, with the header "
+                                           "'Content-Type: application/json'"), 415)
+        return JSONResponse(dict(error=explain(err.errors(), err.body)), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):  # FastAPI's own refusals, in the same shape as ours
-        error = PARSE_FAILED if err.detail == "There was an error parsing the body" else str(err.detail)
+        error = parse_failure(err.__cause__) if err.detail == "There was an error parsing the body" \
+            else str(err.detail)
         return JSONResponse(dict(error=error), err.status_code, headers=err.headers)
 
     @app.post("/generate", response_class=Response,
@@ -195,13 +244,14 @@ def make_app(pool: Pool):
             return JSONResponse(dict(error=str(err)), err.status)
         return Response(png, media_type="image/png", headers={"X-Fluxlab-First-Use-Of-Shape": str(first_use).lower()})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health():
-        """The pool's state: healthy, processes alive, requests served and failed, restarts."""
+        """The pool's state: healthy, processes alive, requests served and failed, restarts (HEAD: the status and
+        headers alone, as load balancers and `curl -I` ask)."""
         state = pool.health()
         return JSONResponse(state, 200 if state["healthy"] else 503)
 
-    return RequestLog(BodyLimit(app, MAX_BODY_BYTES))
+    return RequestLog(BodyLimit(app, MAX_BODY_BYTES, body_timeout_s))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -275,9 +325,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max-side", type=int, default=SERVER_LIMITS.max_side, help="largest height or width")
     parser.add_argument("--max-prompt-chars", type=int, default=SERVER_LIMITS.max_prompt_chars)
     parser.add_argument("--request-timeout-s", type=float, default=600)
+    parser.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S,
+                        help="seconds a request's body may take to arrive after its headers (408 after)")
     args = parser.parse_args(argv)
     try:
         check_int("port", args.port, 0, 65535)
+        if not 0 < args.body_timeout_s <= 3600:
+            raise ValueError(f"body_timeout_s={args.body_timeout_s!r}: must be a number of seconds from 0 to 3600 "
+                             "(more than 0)")
         limits = Limits(max_steps=check_int("max_steps", args.max_steps, 1, 10_000),
                         max_side=check_int("max_side", args.max_side, 16, 16_384),
                         max_prompt_chars=check_int("max_prompt_chars", args.max_prompt_chars, 1, 1_000_000))
@@ -294,7 +349,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}") from None
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(make_app(pool), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(make_app(pool, args.body_timeout_s), log_level="warning", access_log=False))
     host, port = sock.getsockname()[:2]
     print(f"fluxlab serving {args.model_source} on {args.nproc} process(es), warm-up {pool.warmup_s:.1f} s: "
           f"listening on http://{host}:{port} (API: /docs)", flush=True)

@@ -171,8 +171,7 @@ def test_text_media_and_bodies_the_parsers_refuse_get_clear_errors_and_the_pool_
     assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
     # What the JSON parser itself refuses answers in the same shape as every other error.
     code, answer = post(server.url, None, raw=b"[" * 30_000 + b"]" * 30_000)
-    assert (code, json.loads(answer)) == (400, {"error": "the body could not be parsed as JSON (is it nested too "
-                                                         "deeply?)"})
+    assert (code, json.loads(answer)) == (400, {"error": "the body is nested too deeply to be parsed as JSON"})
     assert httpx.get(server.url + "/generate", timeout=30).json() == {"error": "Method Not Allowed"}
     # A 3 MB body from Python's urllib: the 413 reaches the client (the server reads the rest before answering).
     import urllib.error
@@ -357,3 +356,97 @@ def test_the_server_serves_over_http_and_stops_on_sigterm():
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert f"request {r.headers['x-request-id']} POST /generate 200" in proc.stderr.read()
+
+
+def served(app):
+    """`app` on uvicorn on a loopback socket in a thread: its URL and its server (set should_exit to stop it)."""
+    sock = bind("127.0.0.1", 0)
+    http = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    threading.Thread(target=http.run, kwargs=dict(sockets=[sock]), daemon=True).start()
+    while not http.started:
+        time.sleep(0.05)
+    return "http://127.0.0.1:%d" % sock.getsockname()[1], http
+
+
+def test_a_body_without_content_type_gets_a_415_naming_the_header(server):
+    """httpx's content=, Python's http.client and requests' data= send a JSON body without a Content-Type: every
+    such client gets the same 415 (FastAPI leaves such a body unread: a browser's cross-site simple request)."""
+    r = httpx.post(server.url + "/generate", content=b'{"prompt": "a red circle"}', timeout=60)
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 415 and r.json() == {"error": "the body is sent without a Content-Type; send it as JSON, "
+                                                          "with the header 'Content-Type: application/json'"}
+    import http.client
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/generate", body=b'{"seed": 1}')
+    answer = connection.getresponse()
+    assert answer.status == 415 and b"Content-Type: application/json" in answer.read()
+    connection.close()
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"prompt": "\xff red"}', "the body is not valid UTF-8: byte 12 (b'\\xff') invalid start byte"),
+    (b'{"seed": 1,\n "prompt": }', "the body is not valid JSON: Expecting value at line 2, column 12"),
+    (b'{"seed": 1', "the body is not valid JSON: Expecting ',' delimiter at line 1, column 11"),
+    (b"[" * 30_000 + b"]" * 30_000, "the body is nested too deeply to be parsed as JSON"),
+    (b"[1, 2]", 'the body must be a JSON object, e.g. {"prompt": "...", "seed": 1}'),
+])
+def test_a_body_that_is_not_a_json_object_says_why(server, raw, message):
+    code, answer = post(server.url, None, raw=raw)
+    assert (code, json.loads(answer)) == (400, {"error": message})
+
+
+def test_errors_stay_small_whatever_the_input(server):
+    """Thousands of unknown keys (just under the body limit) name ten of them once each and the allowed fields once;
+    a huge value is quoted shortened."""
+    keys = {f"k{i}": 1 for i in range(5000)}
+    raw = json.dumps(keys).encode()
+    assert len(raw) < MAX_BODY_BYTES
+    code, answer = post(server.url, None, raw=raw)
+    error = json.loads(answer)["error"]
+    assert code == 400 and len(answer) < 2048, len(answer)
+    assert error.startswith("unknown fields 'k0', 'k1', 'k2'") and "'k9' and 4990 more; allowed: ['prompt'" in error
+    assert error.count("allowed") == 1
+    for body in (dict(seed="9" * 60_000), dict(steps=["x" * 100] * 200, seed="y" * 15_000), {"z" * 30_000: 1}):
+        code, answer = post(server.url, body)
+        assert code == 400 and len(answer) < 2048 and b"\xe2\x80\xa6" in answer  # the value quoted, shortened (...)
+
+
+def test_a_slow_body_gets_a_408_and_others_are_served_meanwhile(server):
+    """With a 2 s body timeout: a client that sends part of its body and stops (Content-Length, or in the middle of
+    a chunk) gets 408 and its connection closed after 2 s, while /health answers another client at once."""
+    url, http = served(make_app(server.pool, body_timeout_s=2))
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        for head, part in ((b"Content-Length: 40\r\nContent-Type: application/json", b'{"prompt": "a'),
+                           (b"Transfer-Encoding: chunked\r\nContent-Type: application/json", b"20\r\n{\"prompt\": ")):
+            with socket.create_connection((host, int(port)), timeout=15) as slow:
+                start = time.monotonic()
+                slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + part)
+                r = httpx.get(url + "/health", timeout=5)
+                assert r.status_code == 200 and time.monotonic() - start < 1.5
+                answer = b""
+                while chunk := slow.recv(4096):  # until the server closes the connection
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 2 s" in answer
+                assert 1.5 < time.monotonic() - start < 10
+    finally:
+        http.should_exit = True
+
+
+def test_head_health_answers_as_get_without_a_body(server):
+    got, head = httpx.get(server.url + "/health", timeout=30), httpx.head(server.url + "/health", timeout=30)
+    assert head.status_code == got.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"] == "application/json"
+
+
+def test_after_the_rough_edges_a_good_request_gives_the_same_png(server):
+    good = dict(prompt=PROMPTS[2], seed=11, steps=4)
+    code, before = post(server.url, good)
+    assert code == 200
+    httpx.post(server.url + "/generate", content=b'{"seed": 1}', timeout=60)  # no Content-Type
+    post(server.url, None, raw=b'{"prompt": "\xff"}')
+    post(server.url, None, raw=json.dumps({f"k{i}": 1 for i in range(5000)}).encode())
+    httpx.head(server.url + "/health", timeout=30)
+    code, after = post(server.url, good)
+    assert code == 200 and after == before
