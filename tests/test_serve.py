@@ -283,6 +283,7 @@ def test_soak_mixed_requests_leave_the_pool_healthy_and_unchanged(server):
     (["--nproc", "3"], "do not split evenly over 3 processes"),
     (["--max-steps", "0"], "max_steps=0"),
     (["--port", "70000"], "port=70000"),
+    (["--body-timeout-s", "0"], "body_timeout_s=0.0: must be a number of seconds from 0 to 3600"),
     (["--cache", "nan"], "cache threshold=nan"),
     (["--model-source", "/nowhere"], "no such folder"),
     (["--host", "256.1.1.1"], "cannot listen on 256.1.1.1:8000"),
