@@ -20,7 +20,7 @@ def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, tokens, x
     d = tl.arange(0, D)[None, :]
     heads = h < H
     x = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + h * D + d, mask=heads, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, 1) / D + eps)
+    rstd = 1.0 / tl.sqrt_rn((tl.sum(x * x, 1) / D + eps).to(tl.float32))  # eps: fp64 when inductor launches it
     y = x * rstd[:, None] * tl.load(w_ptr + d).to(tl.float32)
     cos = tl.load(cos_ptr + place * D + d)
     sin = tl.load(sin_ptr + place * D + d)
@@ -33,11 +33,12 @@ def _norm_rope_fp8(x_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, tokens, x
 @triton_op("fluxlab::norm_rope_fp8", mutates_args=())
 def norm_rope_fp8(first: torch.Tensor, first_weight: torch.Tensor, second: torch.Tensor | None,
                   second_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
-                  scale: torch.Tensor, warps: int = 4) -> torch.Tensor:
+                  scale: torch.Tensor, warps: int = 2) -> torch.Tensor:
     """`fluxlab.qk_fp8.reference` on the GPU, in float32 (it rounds once, into FP8; the reference rounds to bf16
     after the norm and the rotation, as diffusers' eager layers do): (batch, tokens, heads * head_dim) projections in
     bf16, `second`'s tokens after `first`'s in the (batch, all tokens, heads, head_dim) FP8 output; `cos`, `sin`:
-    float32; `scale`: one float32 number."""
+    float32; `scale`: one float32 number. 2 warps: of 1, 2, 4 and 8 the fastest on an H100 at FLUX.1-dev's shapes
+    (book/results/kernels-h100.json: 0.023 and 0.019 ms for the double and single blocks, 4 warps 0.033 and 0.029)."""
     streams = [(first, first_weight)] + ([(second, second_weight)] if second is not None else [])
     batch, dim = first.shape[0], first.shape[2]
     total = sum(x.shape[1] for x, _ in streams)

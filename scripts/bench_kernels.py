@@ -8,12 +8,12 @@
   then GELU again and the FP8 write; the second read mostly from L2). A candidate counts only if its output is
   bit-identical to today's. Reported as time per call and bandwidth (bytes read and written over time), at the
   single blocks' shape (attention output joined) and the double blocks' image feed-forward.
-- q or k from its projections to FP8 (`fluxlab.qk_fp8`): the one-pass Triton kernel (4 warps) against itself with
-  1, 2 and 8 warps, and against what FP8 attention's processor did before it (per-head RMSNorm, the double blocks'
+- q or k from its projections to FP8 (`fluxlab.qk_fp8`): the one-pass Triton kernel (2 warps) against itself with
+  1, 4 and 8 warps, and against what FP8 attention's processor did before it (per-head RMSNorm, the double blocks'
   text tokens joined in front, rotary embedding, FP8 on a bound, compiled by inductor as inside the compiled
   blocks); the share of FP8 values that differ from the kernel's is reported.
 - LayerNorm + modulation + FP8 before the blocks' linears (`fluxlab.norm_fp8`): the kernel that holds each row in
-  registers (8 warps; one read, one FP8 write for all the linears that read it) against itself with 4 and 16 warps,
+  registers (4 warps; one read, one FP8 write for all the linears that read it) against itself with 8 and 16 warps,
   and against what the compiled blocks did before it (LayerNorm without weights, `* (1 + scale) + shift`, torchao's
   rowwise quantization of a linear's input, once per linear, compiled by inductor).
 The q/k and LayerNorm rows give each its bandwidth next to its bound: the time a device-to-device copy (measured in
@@ -170,8 +170,8 @@ def qk_candidates(device, bandwidth: float) -> list[dict]:
                 heads, 1e-6, scale, warps)
 
         rows += against_today("q/k norm + rotary + FP8", shape, [
-            ("today: one pass (Triton), 4 warps", one_pass(4)), ("one pass, 1 warp", one_pass(1)),
-            ("one pass, 2 warps", one_pass(2)), ("one pass, 8 warps", one_pass(8)),
+            ("today: one pass (Triton), 2 warps", one_pass(2)), ("one pass, 1 warp", one_pass(1)),
+            ("one pass, 4 warps", one_pass(4)), ("one pass, 8 warps", one_pass(8)),
             ("inductor (before the kernel)", lambda: compiled(streams, cos, sin, heads, scale))],
             moved=sum(tokens) * DIM * 3, bandwidth=bandwidth)  # bf16 in, FP8 out
     return rows
@@ -188,7 +188,7 @@ def layernorm_candidates(device, bandwidth: float) -> list[dict]:
             return lambda: norm_fp8.Quantized(*torch.ops.fluxlab.layernorm_modulate_fp8(x, shift, scale, 1e-6, warps))
 
         rows += against_today("LayerNorm + modulation + FP8", shape, [
-            ("today: row in registers (Triton), 8 warps", one_pass(8)), ("row in registers, 4 warps", one_pass(4)),
+            ("today: row in registers (Triton), 4 warps", one_pass(4)), ("row in registers, 8 warps", one_pass(8)),
             ("row in registers, 16 warps", one_pass(16)),
             ("inductor (before the kernel)", lambda: compiled(x, shift, scale, 1e-6))],
             moved=tokens * DIM * 3 + tokens * 4, bandwidth=bandwidth, fp8=lambda out: out.data)

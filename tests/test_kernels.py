@@ -14,11 +14,11 @@ from fluxlab.gelu import TWO_SQRT_2_OVER_PI  # noqa: E402
 FP8 = 448.0
 # Each kernel at FLUX.1-dev's shapes, with the warps its wrapper launches it with.
 KERNELS = {
-    "norm_rope_fp8": (qk_fp8_triton._norm_rope_fp8, 4, dict(
+    "norm_rope_fp8": (qk_fp8_triton._norm_rope_fp8, 2, dict(
         x_ptr="*bf16", w_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", scale_ptr="*fp32", out_ptr="*fp8e4nv",
         tokens="i32", x_row_stride="i32", out_tokens="i32", offset="i32", eps="fp32"),
         dict(H=24, HP=32, D=128, FP8_MAX=FP8)),
-    "layernorm_modulate_fp8": (norm_fp8_triton._layernorm_modulate_fp8, 8, dict(
+    "layernorm_modulate_fp8": (norm_fp8_triton._layernorm_modulate_fp8, 4, dict(
         x_ptr="*bf16", shift_ptr="*bf16", scale_ptr="*bf16", out_ptr="*fp8e4nv", row_scale_ptr="*fp32",
         tokens="i32", eps="fp32"), dict(D=3072, BLOCK=4096, FP8_MAX=FP8)),
     "gelu_join_fp8": (mlp_fp8_triton._gelu_join_fp8, 8, dict(
