@@ -34,3 +34,13 @@ def test_compiles_for_hopper(name):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
 
+
+
+@pytest.mark.parametrize("name", [name for name, (_, _, pointers, _) in KERNELS.items() if "eps" in pointers])
+def test_compiles_with_the_float64_eps_inductor_passes(name):
+    """Inside a compiled graph inductor launches the kernels itself and types a Python float argument as float64
+    (eager launches type it float32): both must compile (the first H100 check of the compiled rungs failed here)."""
+    kernel, warps, pointers, constants = KERNELS[name]
+    source = ASTSource(fn=kernel, signature=pointers | {"eps": "fp64"} | {k: "constexpr" for k in constants},
+                       constexprs=constants)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
