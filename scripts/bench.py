@@ -324,6 +324,8 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of a one-process run: this configuration only
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where every thread is, then go on
+    if args.one:  # a child: its own dump just before its parent's limit (a signal mask may keep SIGUSR1 out)
+        faulthandler.dump_traceback_later(max(1.0, args.config_limit - 2))
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in LADDER]
     try:
@@ -432,7 +434,8 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
             continue
         command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--configs", ",".join(names),
                    "--source", args.source, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--repeats", str(args.repeats), "--out", args.out, "--tag", args.tag]
+                   "--repeats", str(args.repeats), "--out", args.out, "--tag", args.tag,
+                   "--config-limit", str(args.config_limit)]
         command += [f"--{side}={getattr(args, side)}" for side in ("height", "width") if getattr(args, side)]
         command += ["--profile"] if args.profile else []
         child, tail = Child(command, subprocess.PIPE, env), collections.deque(maxlen=40)

@@ -48,6 +48,7 @@ def gpu_test_files() -> list[str]:
 def worker(name: str, args) -> None:
     """Run one configuration as the benchmark does and print its result as the last line (`RESULT {...}`)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent's stack dump at the time limit
+    faulthandler.dump_traceback_later(max(1.0, args.limit - 2))  # and our own, if a signal mask kept that out
     stage = bench.Stage()
     result = dict(name=name)
     try:
@@ -81,7 +82,7 @@ class Running(bench.Child):
     def __init__(self, name: str, args):
         self.name, self.log = name, args.out / f"{name}.log"
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", str(args.out), "--source",
-                   args.source, "--device", args.device, "--steps", str(args.steps)]
+                   args.source, "--device", args.device, "--steps", str(args.steps), "--limit", str(args.limit)]
         command += [f"--{side}={getattr(args, side)}" for side in ("height", "width") if getattr(args, side)]
         with open(self.log, "w") as out:
             super().__init__(command, out, dict(TORCH_LOGS="recompiles,graph_breaks", FLUXLAB_PROGRESS="0"))

@@ -1,5 +1,6 @@
 """The performance page's ladder, read from a real run of scripts/bench.py (2 CPU processes)."""
 import json
+import re
 from pathlib import Path
 
 from fluxlab import ladder, records
@@ -241,6 +242,6 @@ def test_a_configuration_past_its_limit_is_stopped_with_its_stacks(tmp_path):
     result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "1000", "--configs", "baseline,compile",
                       "--warmup", "1", "--repeats", "1", "--out", tmp_path, "--config-limit", "8", timeout=120)
     assert result.returncode != 0
-    assert "error: the run's reference baseline failed in warm-up and timed calls: timed out after 8 s" in result.stderr
+    assert re.search(r"error: the run's reference baseline failed in [a-z -]+: timed out after 8 s", result.stderr)
     assert "most recent call first" in result.stderr and "[0.0 s] load" in result.stdout
     assert not (tmp_path / "bench-1gpu.json").exists()
