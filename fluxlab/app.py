@@ -244,7 +244,8 @@ def make_app(pool: Pool, body_timeout_s: float = BODY_TIMEOUT_S):
             return JSONResponse(dict(error=str(err)), err.status)
         return Response(png, media_type="image/png", headers={"X-Fluxlab-First-Use-Of-Shape": str(first_use).lower()})
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # one operation in the schema
     def health():
         """The pool's state: healthy, processes alive, requests served and failed, restarts (HEAD: the status and
         headers alone, as load balancers and `curl -I` ask)."""
