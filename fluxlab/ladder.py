@@ -70,16 +70,21 @@ def _adds_one(before: dict, after: dict) -> bool:
 
 def previous(recs: list[dict], rec: dict) -> dict | None:
     """The configuration `rec` builds on, in the same run: the nearest earlier fluxlab record of the same processes
-    that it adds one optimization to (or sets one otherwise); else, for one process, the row above, and for
-    context parallelism, the one-process record with the same other optimizations; else None. Other tools' records
-    build on nothing."""
+    that it adds one optimization to (or sets one otherwise), or a later one where it ran first; else, for one
+    process, the row above (unless that row builds on `rec`: `rec` is then its base, not a step), and for context
+    parallelism, the one-process record with the same other optimizations; else None. Other tools' records build on
+    nothing."""
     if is_peer(rec):
         return None
     i = recs.index(rec)
     ours = [r for r in recs[:i] if not is_peer(r) and r["processes"] == rec["processes"]]
-    found = next((r for r in reversed(ours) if _adds_one(r["optimizations"], rec["optimizations"])), None)
+    later = [r for r in recs[i + 1:] if not is_peer(r) and r["processes"] == rec["processes"]]
+    found = next((r for r in [*reversed(ours), *later] if _adds_one(r["optimizations"], rec["optimizations"])), None)
     if found or "parallel" not in rec["optimizations"]:
-        return found or (ours[-1] if ours else None)
+        above = ours[-1] if ours else None
+        if found or above is None or _adds_one(rec["optimizations"], above["optimizations"]):
+            return found
+        return above
     rest = {k: v for k, v in rec["optimizations"].items() if k != "parallel"}
     return next((r for r in recs if r["processes"] == 1 and r["optimizations"] == rest), None)
 

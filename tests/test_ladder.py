@@ -245,3 +245,13 @@ def test_a_configuration_past_its_limit_is_stopped_with_its_stacks(tmp_path):
     assert re.search(r"error: the run's reference baseline failed in [a-z -]+: timed out after 8 s", result.stderr)
     assert "most recent call first" in result.stderr and "[0.0 s] load" in result.stdout
     assert not (tmp_path / "bench-1gpu.json").exists()
+
+
+def test_a_step_measured_before_its_base_compares_with_its_base():
+    """A run that times a configuration before the one it adds an optimization to (baseline, then the q/k kernel's
+    rung, then the rung without it): the rung with the kernel builds on the one without, which builds on nothing."""
+    run = next(r for r in ladder.runs(Path(__file__).resolve().parents[1] / "book" / "results")
+               if r["path"] == "bench-1gpu-levers-h100.json")
+    base, qk, plain = run["records"]
+    assert ladder.previous(run["records"], qk) is plain and ladder.previous(run["records"], plain) is None
+    assert "bench-1gpu-levers-h100.json" not in ladder.not_helped([run]).data  # qk_fp8 helped: +1.7%
