@@ -12,8 +12,11 @@ With `--profile`, every process profiles one more image (compute, exposed commun
 of kernel intervals) and, on two or more processes, the run times a bare all-to-all of one Ulysses tensor.
 Peers (`peer-flux-fast`, `peer-cache-dit`, `peer-para-attention`) apply another tool's published recipe
 (`fluxlab.peers`) to the same freshly loaded pipeline instead of `fluxlab.optimize`, timed by the same code.
-A one-process configuration that fails (an error, out of memory) is recorded as failed with its error and the run
-goes on; a failing context-parallel configuration, or a failing first configuration (the reference), ends the run.
+A one-process run gives each configuration a fresh process of its own (`--config-limit` seconds, cold start
+included; at the limit its threads' stacks are dumped): nothing one configuration leaves in a process reaches the
+next. A one-process configuration that fails (an error, out of memory, a crash, its limit) is recorded as failed with
+its error and the run goes on; a failing context-parallel configuration, or a failing first configuration (the
+reference), ends the run.
 Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; records and failures, `fluxlab.records`)
 when the run ends; progress goes to the same name ending in `.partial.json` after each configuration (with the
 latents references beside it). On one process, `--resume` goes on with an interrupted run's progress file on the
