@@ -87,12 +87,12 @@ def explain(errors: list[dict], document: str = "") -> str:
             parts.append('the body must be a JSON object, e.g. {"prompt": "...", "seed": 1}')
         else:
             parts.append(f"{'.'.join(where) or 'body'}={_short(repr(e.get('input')), 80)}: {e['msg']}")
-    parts = list(dict.fromkeys(parts))[:3]
-    if unknown:
+    parts = [_short(p) for p in dict.fromkeys(parts)][:3]
+    if unknown:  # at most MAX_NAMED names of at most 40 characters: short by construction
         named = ", ".join(repr(_short(name, 40)) for name in unknown[:MAX_NAMED])
         more = f" and {len(unknown) - MAX_NAMED} more" if len(unknown) > MAX_NAMED else ""
         parts.append(f"unknown field{'s' if len(unknown) > 1 else ''} {named}{more}; allowed: {list(REQUEST_FIELDS)}")
-    return "; ".join(_short(p, 2 * MAX_PART_CHARS if p.startswith("unknown") else MAX_PART_CHARS) for p in parts)
+    return "; ".join(parts)
 
 
 def _line_column(document, position) -> str:

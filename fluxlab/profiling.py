@@ -20,8 +20,7 @@ from .pipeline import generate
 # The peer exchanges' barrier (torch symmetric memory's "barrier_kernel") counts as communication; their copies into
 # the peers' memory are copy kernels like any other and count as compute. fluxlab's own Triton kernels
 # (`fluxlab.mlp_fp8`, `fluxlab.qk_fp8`, `fluxlab.norm_fp8`) are a kind of their own, so that "other" means other.
-FLUXLAB_KERNELS = "fluxlab's kernels (triton)"
-KERNEL_KINDS = {FLUXLAB_KERNELS: ("_gelu_join_fp8", "_norm_rope_fp8", "_layernorm_modulate_fp8"),
+KERNEL_KINDS = {"fluxlab's kernels (triton)": ("_gelu_join_fp8", "_norm_rope_fp8", "_layernorm_modulate_fp8"),
                 "fused elementwise / quantization (triton)": ("triton",),
                 "communication": ("nccl", "all_to_all", "barrier_kernel"),
                 "attention": ("flash", "fmha", "sdpa", "attn", "attention"),

@@ -165,6 +165,11 @@ class Stage(dict):
         print(f"[{self.began[value]:.1f} s] {value}", flush=True)
         super().__setitem__(key, value)
 
+    @staticmethod
+    def last(lines, default: str | None = None) -> str | None:
+        """The stage a process's output (its lines) last printed."""
+        return next((line.split("] ", 1)[1].strip() for line in reversed(lines) if line.startswith("[")), default)
+
 
 def _die_with_parent() -> None:
     """In a child, before it runs: the kernel ends it when its parent dies (a parent killed at a call's time limit
@@ -175,8 +180,8 @@ def _die_with_parent() -> None:
 
 class Child:
     """A command in a process session of its own (with its children: inductor's compile workers) and its output in
-    `out` (a file: with its errors; PIPE: each on its own pipe). `stop` dumps every thread's Python stack into that output (the child registers faulthandler on SIGUSR1,
-    as this script does), then ends them all."""
+    `out` (a file: with its errors; PIPE: each on its own pipe). `stop` dumps every thread's Python stack into that
+    output (the child registers faulthandler on SIGUSR1, as this script does), then ends them all."""
 
     def __init__(self, command: list[str], out, env: dict | None = None):
         self.start = time.monotonic()
@@ -457,7 +462,7 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
         done, failed = progress(partial)
         if name in {r["name"] for r in done} | {f["name"] for f in failed}:
             continue
-        stage = next((line.split("] ", 1)[1].strip() for line in reversed(tail) if line.startswith("[")), "load")
+        stage = Stage.last(tail, "load")
         why = (f"timed out after {args.config_limit:.0f} s (a process of its own; its threads' stacks are in the "
                f"run's output)" if timed_out else f"its process ended with exit code {child.process.returncode}")
         if name == names[0]:

@@ -92,8 +92,7 @@ class Running(bench.Child):
         found = next((json.loads(line[7:]) for line in reversed(lines) if line.startswith("RESULT ")), None)
         tail = "\n".join(lines[-TAIL_LINES:])
         if timed_out and found is None:  # a result printed just before the limit stands
-            stage = next((line.split("] ", 1)[1] for line in reversed(lines) if line.startswith("[")), None)
-            return dict(name=self.name, status="timed out", stage=stage, limit_s=limit, log_tail=tail)
+            return dict(name=self.name, status="timed out", stage=bench.Stage.last(lines), limit_s=limit, log_tail=tail)
         if found is None:
             return dict(name=self.name, status="failed", stage="process", error=f"exit code {self.process.returncode} "
                         "without a result (killed? out of host memory?)", log_tail=tail)
@@ -149,9 +148,9 @@ def main() -> None:
     def report(result: dict) -> None:
         with open(results, "a") as f:
             f.write(json.dumps(result) + "\n")
+        passed = f"cold start {result.get('cold_start_s')} s, {result.get('s_per_image')} s/image"
         extra = result.get("error") or result.get("summary") or (
-            f"cold start {result.get('cold_start_s')} s, {result.get('s_per_image')} s/image" if result["status"] == "passed"
-            else f"in {result.get('stage')}")
+            passed if result["status"] == "passed" else f"in {result.get('stage')}")
         print(f"{result['name']}: {result['status']} ({extra})", flush=True)
 
     if not args.skip_tests and "gpu tests" not in done:
