@@ -171,6 +171,13 @@ class Stage(dict):
         return next((line.split("] ", 1)[1].strip() for line in reversed(lines) if line.startswith("[")), default)
 
 
+def dump_stacks_every(seconds: float) -> None:
+    """In a child with a time limit: every thread's Python stack into its output every `seconds` (a third of the
+    limit), so that its log shows whether a slow stage moves on or hangs. A timer thread writes them: a first H100
+    check got nothing from the SIGUSR1 that `Child.stop` sends."""
+    faulthandler.dump_traceback_later(max(1.0, seconds), repeat=True)
+
+
 def _die_with_parent() -> None:
     """In a child, before it runs: the kernel ends it when its parent dies (a parent killed at a call's time limit
     leaves no configuration running on the GPU)."""
@@ -332,8 +339,8 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of a one-process run: this configuration only
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where every thread is, then go on
-    if args.one:  # a child: its own dump just before its parent's limit (a signal mask may keep SIGUSR1 out)
-        faulthandler.dump_traceback_later(max(1.0, args.config_limit - 2))
+    if args.one:
+        dump_stacks_every(args.config_limit / 3)
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in LADDER]
     try:

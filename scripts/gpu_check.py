@@ -7,8 +7,8 @@ the other tools' recipes) at a few steps, each in a process of its own with its 
 Each configuration runs `bench.run_config` (the benchmark's own load, optimize or peer recipe, warm-up and timed
 call) in a fresh process: nothing an earlier configuration compiled, set or leaked is there. Its result is one line
 of `<out>/gpu-check.jsonl`, written as it finishes: passed (cold start, seconds per image, latents finite), failed
-(the stage it was in and its error) or timed out (a dump of every thread's Python stack at the limit, and what
-`TORCH_LOGS=recompiles,graph_breaks` printed). `<out>/<name>.log` holds each process's whole output. With
+(the stage it was in and its error) or timed out (dumps of every thread's Python stack every third of the limit
+and at it, and what `TORCH_LOGS=recompiles,graph_breaks` printed). `<out>/<name>.log` holds each process's whole output. With
 `--resume`, what `<out>/gpu-check.jsonl` already holds is not run again (a machine kept between calls). `--jobs N`
 runs N configurations at once on the one GPU (their timings are then not comparable: this checks, bench.py times);
 a configuration that runs out of memory beside others is tried again alone.
@@ -48,7 +48,7 @@ def gpu_test_files() -> list[str]:
 def worker(name: str, args) -> None:
     """Run one configuration as the benchmark does and print its result as the last line (`RESULT {...}`)."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent's stack dump at the time limit
-    faulthandler.dump_traceback_later(max(1.0, args.limit - 2))  # and our own, if a signal mask kept that out
+    bench.dump_stacks_every(args.limit / 3)  # and our own as it goes: moving on, or stuck
     stage = bench.Stage()
     result = dict(name=name)
     try:

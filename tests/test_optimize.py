@@ -273,3 +273,15 @@ def block_forward(block):
     run = graph.run if graph else block.forward
     run = getattr(run, "_torchdynamo_orig_callable", run)
     return getattr(run, "__func__", run)
+
+
+def test_flux_fasts_recipe_leaves_inductors_settings_as_its_label_says(tiny_pipe):
+    # torchao's FP8 config switches coordinate-descent tuning on for the whole process unless told not to; the
+    # recipe's label leaves it out. On a CPU torchao then refuses FP8 itself, after that switch would have happened.
+    from fluxlab import peers
+
+    with torch._inductor.config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False):
+        with pytest.raises(Exception, match="Float8 dynamic quantization requires CUDA"):
+            peers.flux_fast(tiny_pipe)
+        assert not torch._inductor.config.coordinate_descent_tuning
+        assert not torch._inductor.config.coordinate_descent_check_all_directions
