@@ -139,15 +139,22 @@ def table(recs: list[dict], folder: str | Path, baseline: dict | None = None) ->
     return markdown(f"*{where(recs)}*\n\n" + "\n".join(lines) + "\n\n" + _notes(recs))
 
 
+def against(first: dict, rec: dict) -> str:
+    """How `rec`'s time compares with `first`'s: '7.88x slower', '1.25x faster', '1.01x slower (within noise)'."""
+    s = compare.speedup(first, rec)
+    text = f"{s['ratio']:.2f}x faster" if s["ratio"] >= 1 else f"{1 / s['ratio']:.2f}x slower"
+    return text + (" (within noise)" if s["noise"] else "")
+
+
 def memory_cost(recs: list[dict]) -> "Markdown":
-    """Time against GPU memory: s/image, the ratio to the first record, and the timed calls' peak allocated memory."""
+    """Time against GPU memory: s/image, how each record's time compares with the first's, and the timed calls' peak
+    allocated memory."""
     if recs[0]["peak_mem_gb"] is None:
         return markdown(f"*Peak GPU memory needs a GPU: these records ran on {recs[0]['provenance']['device_name']}.*")
-    first = recs[0]["timing"]["median_s"]
-    lines = ["| Configuration | s/image | vs first row | Peak allocated (GB) |", "|---|---|---|---|"]
-    for r in recs:
-        t = r["timing"]["median_s"]
-        lines.append(f"| {r['label']} | {t:.3f} | {t / first:.2f}x | {r['peak_mem_gb']:.1f} |")
+    lines = ["| Configuration | s/image | Time against the first row | Peak allocated (GB) |", "|---|---|---|---|"]
+    for i, r in enumerate(recs):
+        lines.append(f"| {r['label']} | {r['timing']['median_s']:.3f} | {against(recs[0], r) if i else '—'} "
+                     f"| {r['peak_mem_gb']:.1f} |")
     note = ("Peak allocated: the most PyTorch held in tensors during the timed calls. What its allocator reserved "
             "besides, from earlier in this process, could be handed back; the performance page runs each "
             "configuration under a cap instead.")

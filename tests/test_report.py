@@ -78,6 +78,19 @@ def test_speedup_within_noise_when_the_calls_overlap():
     assert noisy["low"] == pytest.approx(1.0 / 1.4) and noisy["high"] == pytest.approx(2.0 / 1.1)
 
 
+def test_the_memory_table_says_slower_for_what_takes_longer():
+    def rec(label, *times, peak=10.0):
+        return dict(label=label, peak_mem_gb=peak, provenance=dict(device_name="NVIDIA H100 80GB HBM3"),
+                    model_source="flux-dev-random", settings=dict(height=1024, width=1024, steps=28),
+                    timing=dict(times_s=list(times), median_s=sorted(times)[1]))
+
+    table = report.memory_cost([rec("on the GPU", 2.5, 2.6, 2.7, peak=30.0), rec("streamed", 20.4, 20.5, 20.6),
+                                rec("capped", 2.5, 2.6, 2.8)]).data
+    assert "| on the GPU | 2.600 | — | 30.0 |" in table
+    assert "| streamed | 20.500 | 7.88x slower | 10.0 |" in table
+    assert "| capped | 2.600 | 1.00x faster (within noise) | 10.0 |" in table
+
+
 def test_step_cost_table_and_skip_plot(tmp_path, tiny, tiny_pipe):
     base, cached = _two(tmp_path, tiny, tiny_pipe)
     costs = cached["extras"]["step_costs"]
