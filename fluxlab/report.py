@@ -292,27 +292,33 @@ def serving_table(one_shot: dict, served: dict) -> "Markdown":
     return markdown("\n".join(lines) + f"\n\n*{note}*")
 
 
+def device(rec: dict) -> str:
+    """The card(s) a record ran on: '2x NVIDIA H200', 'NVIDIA H100 80GB HBM3'."""
+    name = rec["provenance"]["device_name"]
+    return f"{rec['processes']}x {name}" if rec["processes"] > 1 else name
+
+
 def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) -> "Markdown":
     """The article's closing table: each declared row (`{"row", "needs", "processes", "article"}`) with the record
-    that matches what it applies (`fluxlab.compare.find`), against the plain pipeline of that record's own run,
-    beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
-    lines = ["| Optimizations | Procs | Article on L20: s/image (speedup) | Ran here as | s/image | Speedup "
-             "| Skipped steps | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|---|---|"]
+    that matches what it applies (`fluxlab.compare.find`) and the card(s) it ran on, against the plain pipeline of
+    that record's own run, beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
+    lines = ["| Optimizations | Procs | Article on L20: s/image (speedup) | Ran here as | Device | s/image | Speedup "
+             "| Skipped steps | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|---|---|---|"]
     found = []
     for spec in rows:
         quoted = "{:.2f} ({:.2f}x)".format(*spec["article"]) if spec.get("article") else "—"
         rec = compare.find(records, spec["needs"], spec["processes"])
         if rec is None:
             why = f"not run: no {spec['processes']}-process run of it in this book"
-            lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} | — | — | — | — | — |")
+            lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} | — | — | — | — | — | — |")
             continue
         found.append(rec)
         base = compare.baseline_for(rec, records)
         cells = _cells(row(rec, folder, base))
-        if base is not None:  # each row's own baseline, which may differ from the Baseline row's run
+        if base is not None:  # each row's own baseline, of the same run and card(s), not the Baseline row's
             cells[1] += f" of {base['timing']['median_s']:.3f} s"
-        lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | " + " | ".join(cells)
-                     + " |")
+        lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | {device(rec)} | "
+                     + " | ".join(cells) + " |")
     head = cpu_note(found[0]) + f"*{where(found)}*\n\n" if found else ""
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
                "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
