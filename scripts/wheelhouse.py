@@ -1,12 +1,15 @@
 """An offline wheelhouse for a GPU machine without internet: what the chapters need beyond torch.
 
     python scripts/wheelhouse.py download .whl [--python-version 3.12] [--skip have.txt] [--pin torchao==0.17.0]
+                                               [--no-serve]
     python scripts/wheelhouse.py install .whl [--target /tmp/site]                         # on the GPU machine
 
 `download` resolves fluxlab's dependencies, the chapter runner's (papermill, ipykernel; the book is rendered
 elsewhere), the server's (the `serve` extra) and FP8 attention's (the `hopper` extra) for the target Python on manylinux x86_64, leaves out the GPU machine's own torch stack (torch, triton,
 nvidia-*, cuda-*) and any name listed in `--skip` (one per line: what the target already has, e.g. from
-`pip list --format freeze` there), and downloads exactly those wheels. `install` installs them without an index;
+`pip list --format freeze` there), and downloads exactly those wheels. Left out always: what a kernel that
+papermill runs never imports (`HEADLESS_UNUSED`); with `--no-serve`, the server's extra (a GPU machine that runs
+the chapters and the benchmark: the wheels travel with the tree, within its size limit). `install` installs them without an index;
 with `--target`, add that folder to PYTHONPATH.
 """
 import argparse
@@ -23,17 +26,19 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 GPU_STACK = re.compile(r"^(torch|triton|nvidia-(?!cudnn-frontend).*|cuda-.*)$")  # the frontend is ours to bring
 RUNNER = ("papermill", "nbclient", "ipykernel")
+# ipykernel's debugger and IPython's completion: optional imports, never made by a kernel papermill runs (9 MiB)
+HEADLESS_UNUSED = {"debugpy", "jedi", "parso"}
 
 
 def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements() -> list[str]:
+def requirements(serve: bool = True) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     book = [r for r in project["optional-dependencies"]["book"] if r.split("=")[0].strip() in RUNNER]
     extras = project["optional-dependencies"]
-    return project["dependencies"] + book + extras["serve"] + extras["hopper"]
+    return project["dependencies"] + book + (extras["serve"] if serve else []) + extras["hopper"]
 
 
 def select(report: dict, skip: set[str]) -> list[str]:
@@ -41,7 +46,7 @@ def select(report: dict, skip: set[str]) -> list[str]:
     pins = []
     for item in report["install"]:
         name, version = normalise(item["metadata"]["name"]), item["metadata"]["version"]
-        if not GPU_STACK.match(name) and name not in skip:
+        if not GPU_STACK.match(name) and name not in skip | HEADLESS_UNUSED:
             pins.append(f"{name}=={version}")
     return sorted(pins)
 
@@ -59,13 +64,13 @@ def with_pins(reqs: list[str], pins: list[str]) -> list[str]:
     return [r for r in reqs if normalise(re.split(r"[=<>!~ \[]", r)[0]) not in pinned] + pins
 
 
-def download(folder: Path, python_version: str, skip_file: Path | None, pins: list[str]) -> None:
+def download(folder: Path, python_version: str, skip_file: Path | None, pins: list[str], serve: bool = True) -> None:
     skip = {normalise(n) for n in skip_file.read_text().split()} if skip_file else set()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
                         "--report", str(report), "--target", str(Path(tmp) / "t"), *target_flags(python_version),
-                        *with_pins(requirements(), pins)], check=True)
+                        *with_pins(requirements(serve), pins)], check=True)
         pins = select(json.loads(report.read_text()), skip)
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(folder),
@@ -92,12 +97,13 @@ def main():
     d.add_argument("--python-version", default="3.12")
     d.add_argument("--skip", type=Path, help="file of package names the target machine already has")
     d.add_argument("--pin", action="append", default=[], help="NAME==VERSION replacing fluxlab's requirement")
+    d.add_argument("--no-serve", action="store_true", help="leave out the server's extra (fastapi, uvicorn)")
     i = sub.add_parser("install")
     i.add_argument("folder", type=Path)
     i.add_argument("--target", type=Path)
     args = parser.parse_args()
     if args.command == "download":
-        download(args.folder, args.python_version, args.skip, args.pin)
+        download(args.folder, args.python_version, args.skip, args.pin, serve=not args.no_serve)
     else:
         install(args.folder, args.target)
 
