@@ -330,9 +330,9 @@ CONTEXT_GB = 1.0  # headroom for the CUDA context and libraries, outside PyTorch
 
 
 def memory_table(runs_: list[dict]) -> "Markdown":
-    """For each card size, the fastest one-process configuration that fits: run under a cap of at most that many GB,
-    or with peak reserved memory (plus `CONTEXT_GB`) within it; then the footprint of every configuration that
-    trades time for memory."""
+    """For each card size and each GPU measured, the fastest one-process configuration that fits: run under a cap of
+    at most that many GB, or with peak reserved memory (plus `CONTEXT_GB`) within it; then the footprint of every
+    configuration that trades time for memory. Times of different GPUs are never compared: one row per GPU."""
     recs = [r for run in runs_ for r in run["records"] if r["processes"] == 1 and r["peak_mem_gb"] is not None]
     if not recs:
         return markdown("*No benchmark record with GPU memory yet.*")
@@ -340,24 +340,33 @@ def memory_table(runs_: list[dict]) -> "Markdown":
     def footprint(r):
         return r["extras"].get("peak_reserved_gb") or r["peak_mem_gb"]
 
-    lines = ["| Card | Fastest configuration that fits | s/image | Peak reserved (GB) | Run under a cap |",
-             "|---|---|---|---|---|"]
+    devices = sorted({r["provenance"]["device_name"] for r in recs})
+    lines = ["| Card | Measured on | Fastest configuration that fits | s/image | Peak reserved (GB) "
+             "| Run under a cap |",
+             "|---|---|---|---|---|---|"]
     for card in CARDS_GB:
         fits = [r for r in recs if not r["cache"] and (footprint(r) + CONTEXT_GB <= card or _capped_within(r, card))]
-        best_fit = min(fits, key=lambda r: r["timing"]["median_s"], default=None)
-        lines.append(f"| {card} GB | " + (f"`{best_fit['name']}`: {best_fit['label']} | "
-                                          f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | "
-                                          f"{_cap(best_fit)} |" if best_fit else "nothing measured fits | — | — | — |"))
+        found = False
+        for device in devices:
+            best_fit = min((r for r in fits if r["provenance"]["device_name"] == device),
+                           key=lambda r: r["timing"]["median_s"], default=None)
+            if best_fit:
+                found = True
+                lines.append(f"| {card} GB | {device} | `{best_fit['name']}`: {best_fit['label']} | "
+                             f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | {_cap(best_fit)} |")
+        if not found:
+            lines.append(f"| {card} GB | — | nothing measured fits | — | — | — |")
     lines += ["", "The configurations that trade time for memory (offload, or a cap):", "",
-              "| Configuration | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap | Run |",
-              "|---|---|---|---|---|---|"]
+              "| Configuration | Measured on | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap "
+              "| Run |",
+              "|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in recs if "offload" in r["optimizations"] or r["extras"].get("memory_cap_gb")),
-                    key=footprint):
-        lines.append(f"| `{r['name']}`: {r['label']} | {r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} "
-                     f"| {footprint(r):.1f} | {_cap(r)} | `{Path(r['_path']).name}` |")
-    device = " and ".join(sorted({r["provenance"]["device_name"] for r in recs}))
-    note = (f"Measured on {device} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the timed calls, "
-            f"as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at most the card's "
+                    key=lambda r: (r["provenance"]["device_name"], footprint(r))):
+        lines.append(f"| `{r['name']}`: {r['label']} | {r['provenance']['device_name']} | "
+                     f"{r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} | {footprint(r):.1f} | {_cap(r)} "
+                     f"| `{Path(r['_path']).name}` |")
+    note = (f"Measured on {' and '.join(devices)} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the "
+            f"timed calls, as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at most the card's "
             f"size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run under a "
             "cap': from its first call on, PyTorch could hold no more than that many 10^9 bytes on the GPU "
             "(`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more than "

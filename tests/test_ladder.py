@@ -62,7 +62,15 @@ def test_memory_table_picks_the_fastest_configuration_that_fits(tmp_path):
                  extras={"peak_reserved_gb": 6.5})
     records.write(tmp_path / "bench-1gpu.json", [big, small])
     text = ladder.memory_table(ladder.runs(tmp_path)).data
-    assert "| 12 GB | `small`: small | 9.000 | 6.5 |" in text and "| 48 GB | `big`: big | 1.000 | 31.0 |" in text
+    here = rec["provenance"]["device_name"]
+    assert f"| 12 GB | {here} | `small`: small | 9.000 | 6.5 |" in text
+    assert f"| 48 GB | {here} | `big`: big | 1.000 | 31.0 |" in text
+    # another GPU's records get rows of their own: a time of one card is never set against another's
+    other = dict(small, name="other", label="other", provenance=dict(small["provenance"], device_name="NVIDIA H200"),
+                 timing=dict(small["timing"], median_s=0.5))
+    records.write(tmp_path / "bench-1gpu.json", [big, small, other])
+    text = ladder.memory_table(ladder.runs(tmp_path)).data
+    assert f"| 48 GB | {here} | `big`: big | 1.000 | 31.0 |" in text and "| 48 GB | NVIDIA H200 | `other`" in text
     assert json.loads((tmp_path / "bench-1gpu.json").read_text())["records"][0]["name"] == "big"
 
 
@@ -105,10 +113,11 @@ def test_tagged_runs_variants_caps_and_the_gap_are_read_from_records(tmp_path):
     assert "1.20x `fast` (1.000 s) of the same run: **met**" in verdict
     assert "`slow` (slow) completed under a cap of 8 GB" in verdict and "nothing was run under a cap of 4 GB" in verdict
     table = ladder.memory_table(runs).data
-    assert "| `capped`: capped | 1.200 |" in table
+    here = rec["provenance"]["device_name"]
+    assert f"| `capped`: capped | {here} | 1.200 |" in table
     # 15.8 GB reserved + the context allowance is over 16 GB, but `capped` ran under a 16 GB cap: it fits that card
-    assert "| 16 GB | `capped`: capped | 1.200 | 15.8 | 16 GB: completed |" in table
-    assert "| 48 GB | `fast`: fast | 1.000 | 30.0 | — |" in table
+    assert f"| 16 GB | {here} | `capped`: capped | 1.200 | 15.8 | 16 GB: completed |" in table
+    assert f"| 48 GB | {here} | `fast`: fast | 1.000 | 30.0 | — |" in table
     gap = ladder.gap(runs[1])
     assert "`two` takes 2.000 s where `one` (3.000 s) split evenly would take 1.500 s" in gap
     assert "is 1.000 s" in gap and "compute 1.200 s (+0.200 s)" in gap and "under 10 us 0.050 s" in gap
