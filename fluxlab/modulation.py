@@ -5,9 +5,9 @@ scales and gates with a linear layer: `norm1.linear` and `norm1_context.linear` 
 in the 38 single blocks, `norm_out.linear` at the end. That is 77 products of one row per image and step, each
 reading its layer's weights for that one row (3.2 GB in FP8 at every step). `temb` depends on nothing the steps
 compute: the scheduler's timesteps, the guidance and the pooled prompt are known before the loop. `use` computes all
-steps' modulations at the first step, one product of steps x images rows per layer (its weights read once per
-image), and every step the layers read their row from one buffer at a fixed address, so the blocks' CUDA graphs
-replay with it. The row is the scheduler's step index: the transformer must be called from the pipeline's denoising
+steps' modulations at the first step, in one product of steps x images rows with the 77 layers' weights joined into
+one matrix (read once per image; 77 products would each pay the host's launch and FP8-dispatch cost), and every step
+the layers read their row from one buffer at a fixed address, so the blocks' CUDA graphs replay with it. The row is the scheduler's step index: the transformer must be called from the pipeline's denoising
 loop (as every diffusers FLUX pipeline does), with the pooled prompt and guidance tensors it passes at every step.
 """
 import weakref
@@ -26,6 +26,7 @@ class Table:
 
     def __init__(self, transformer, scheduler, norms: list[torch.nn.Module]):
         self.embed = transformer.time_text_embed
+        self.joined = transformer.fluxlab_modulation  # every layer's linear, one after another (`join`)
         self.scheduler = scheduler
         self.norms = norms
         self.tables: list[tuple[tuple, torch.Tensor]] = []  # (key, steps x images x all layers' outputs)
@@ -39,7 +40,7 @@ class Table:
         if self.images != images:
             for norm in self.norms:
                 layer = norm.linear
-                layer.row = self.rows[images][:, layer.start:layer.start + layer.linear.out_features]
+                layer.row = self.rows[images][:, layer.start:layer.start + layer.features]
             self.images = images
         return self.rows[images]
 
@@ -68,7 +69,7 @@ class Table:
             temb = self.embed(timestep, pooled_all)
         else:
             temb = self.embed(timestep, guidance.to(dtype).repeat(steps) * 1000, pooled_all)
-        rows = torch.cat([norm.linear.linear(norm.silu(temb)) for norm in self.norms], dim=-1)
+        rows = self.joined(torch.nn.functional.silu(temb))  # every adaLN layer is linear(silu(temb))
         alive = [(key, rows) for key, rows in self.tables if all(k is None or k[0]() is not None for k in key)]
         self.tables = alive[-(KEPT - 1):]
         self.tables.append((self._key(*tensors), rows.view(steps, images, -1)))
@@ -78,12 +79,11 @@ class Table:
 class Precomputed(torch.nn.Module):
     """Stands in for an adaLN layer's linear: this step's row of its output, `row`, a view of the table's buffer
     (a buffer of the module, so torch.compile takes it as an input: one compiled block serves every block). The
-    layer itself stays as `.linear` (quantized with the rest; the table computes with it)."""
+    layer's weights moved into the joined layer (`join`), from column `start` on, `features` of them."""
 
-    def __init__(self, linear: torch.nn.Linear, start: int):
+    def __init__(self, start: int, features: int):
         super().__init__()
-        self.linear = linear
-        self.start = start
+        self.start, self.features = start, features
         self.register_buffer("row", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,19 +109,37 @@ class Step(ModelHook):
         return args, kwargs
 
 
+def join(norms: list[torch.nn.Module]) -> torch.nn.Linear:
+    """One linear layer whose outputs are the adaLN layers' outputs, one after another: their weights and biases
+    joined row-wise, each moved in as its layer is replaced (`Precomputed`), so the weights are never held twice.
+    FP8 rowwise quantization then scales each output row as it scaled that row in its own layer."""
+    first = norms[0].linear.weight
+    features = sum(norm.linear.out_features for norm in norms)
+    joined = torch.nn.Linear(first.shape[1], features, device=first.device, dtype=first.dtype)
+    start = 0
+    with torch.no_grad():
+        for norm in norms:
+            layer = norm.linear
+            joined.weight[start:start + layer.out_features].copy_(layer.weight)
+            joined.bias[start:start + layer.out_features].copy_(layer.bias)
+            norm.linear = Precomputed(start, layer.out_features)
+            start += layer.out_features
+    return joined
+
+
 def use(pipe) -> Table:
-    """Give the pipeline's transformer modulations computed for all steps at the first (before CUDA graphs,
-    First Block Cache and torch.compile of the blocks; FP8 quantization may come before or after)."""
+    """Give the pipeline's transformer modulations computed for all steps at the first (before FP8 quantization,
+    which then quantizes the joined layer, CUDA graphs, First Block Cache and torch.compile of the blocks)."""
     transformer = pipe.transformer
     norms = [m for m in transformer.modules() if isinstance(m, NORMS)]
     for norm in norms:
         if not isinstance(norm.linear, torch.nn.Linear) or getattr(norm, "emb", None) is not None:
             raise ValueError(f"precompute_modulation expects FLUX's adaLN layers (linear(silu(temb))), not {norm}.")
+        if type(norm.linear.weight) is not torch.nn.Parameter or norm.linear.bias is None:
+            raise ValueError("precompute_modulation joins the adaLN layers' bf16 weights: apply it before FP8 "
+                             "quantization.")
+    transformer.fluxlab_modulation = join(norms)
     table = Table(transformer, pipe.scheduler, norms)
-    start = 0
-    for norm in norms:
-        norm.linear = Precomputed(norm.linear, start)
-        start += norm.linear.linear.out_features
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(Step(table), HOOK)
     return table
 

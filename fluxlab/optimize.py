@@ -165,6 +165,8 @@ def optimize(pipe, *, attention: str | None = None, qk_fp8: bool = False, sigmoi
                                            norm_fp8 or None)):
         raise ValueError("the transformer is already compiled: apply parallel, graphs, cache, fp8, sigmoid_gelu, "
                          "gelu_fp8, precompute_modulation, qk_fp8 and norm_fp8 before compile.")
+    if precompute_modulation and "fp8" in done:
+        raise ValueError("precompute_modulation joins the adaLN layers' bf16 weights: apply it before fp8.")
     if graphs and "cache" in done:
         raise ValueError("apply CUDA graphs before First Block Cache (its hooks must run around the graphs).")
     transformer = pipe.transformer

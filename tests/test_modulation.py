@@ -53,8 +53,10 @@ def test_under_fp8_compiled_blocks_graphs_and_the_cache(tiny):
     fluxlab.optimize(plain, **stack)
     done = fluxlab.optimize(precomputed, precompute_modulation=True, **stack)
     assert done["precompute_modulation"] and done["fp8"] and done["compile"]["scope"] == "regional"
-    held = next(m.linear for m in precomputed.transformer.modules() if isinstance(m, modulation.Precomputed))
-    assert "Float8" in type(held.weight).__name__  # quantized with the rest
+    joined = precomputed.transformer.fluxlab_modulation  # every adaLN layer's weights, quantized with the rest
+    assert "Float8" in type(joined.weight).__name__ and not any(
+        isinstance(m, torch.nn.Linear) for n in precomputed.transformer.modules()
+        if isinstance(n, modulation.NORMS) for m in n.modules())
     graphs = []
     for pipe in (plain, precomputed):
         torch._dynamo.reset()
@@ -66,6 +68,27 @@ def test_under_fp8_compiled_blocks_graphs_and_the_cache(tiny):
     ours, theirs = (fluxlab.cache.stats(p.transformer).summary() for p in (precomputed, plain))
     assert ours["skipped_steps"] == theirs["skipped_steps"] and ours["skipped"] > 0
     assert ours["diffs"][1:] == pytest.approx(theirs["diffs"][1:], abs=1e-5)
+
+
+def test_the_layers_weights_move_into_one_joined_layer(tiny):
+    pipe = fluxlab.load_pipeline(tiny)
+    norms = [m for m in pipe.transformer.modules() if isinstance(m, modulation.NORMS)]
+    weights = torch.cat([n.linear.weight.detach().clone() for n in norms])
+    held = sum(p.numel() for p in pipe.transformer.parameters())
+    modulation.use(pipe)
+    assert torch.equal(pipe.transformer.fluxlab_modulation.weight, weights)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == held  # each weight held once
+
+
+def test_refused_after_fp8_before_anything_changes(tiny):
+    pipe = fluxlab.load_pipeline(tiny)
+    fluxlab.optimize(pipe, fp8="rowwise")  # weight-only on a CPU
+    with pytest.raises(ValueError, match="apply it before fp8"):
+        fluxlab.optimize(pipe, precompute_modulation=True, sigmoid_gelu=True)
+    assert "sigmoid_gelu" not in fluxlab.applied(pipe)
+    with pytest.raises(ValueError, match="apply it before FP8 quantization"):
+        modulation.use(pipe)
+    assert not modulation.used(pipe.transformer)
 
 
 def test_refused_where_the_row_cannot_be_picked_before_the_transformer(tiny_pipe):
