@@ -7,8 +7,9 @@ reading its layer's weights for that one row (3.2 GB in FP8 at every step). `tem
 compute: the scheduler's timesteps, the guidance and the pooled prompt are known before the loop. `use` computes all
 steps' modulations at the first step, in one product of steps x images rows with the 77 layers' weights joined into
 one matrix (read once per image; 77 products would each pay the host's launch and FP8-dispatch cost), and every step
-the layers read their row from one buffer at a fixed address, so the blocks' CUDA graphs replay with it. The row is the scheduler's step index: the transformer must be called from the pipeline's denoising
-loop (as every diffusers FLUX pipeline does), with the pooled prompt and guidance tensors it passes at every step.
+the layers read their row from one buffer at a fixed address, so the blocks' CUDA graphs replay with it. The row is
+the scheduler's step index: the transformer must be called from the pipeline's denoising loop (as every diffusers
+FLUX pipeline does), with the pooled prompt and guidance tensors it passes at every step.
 """
 import weakref
 
