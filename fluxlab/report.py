@@ -216,9 +216,12 @@ def plot_skips(recs: list[dict]):
 
 
 def plot_times(recs: list[dict]):
-    """Horizontal bars of median s/image with the minimum marked."""
+    """Horizontal bars of median s/image with the minimum marked; each bar names its card(s) where the records ran
+    on more than one kind."""
     fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(recs) + 1.3))
-    labels = [textwrap.fill(f"{r['label']} ({r['processes']}p)", 40) for r in recs]
+    several = len({r["provenance"]["device_name"] for r in recs}) > 1
+    labels = [textwrap.fill(f"{r['label']} ({device(r) if several else str(r['processes']) + 'p'})", 40)
+              for r in recs]
     ax.barh(labels, [r["timing"]["median_s"] for r in recs], color="#4c72b0", label="median")
     ax.plot([r["timing"]["min_s"] for r in recs], labels, "k|", markersize=14, label="min")
     ax.invert_yaxis()

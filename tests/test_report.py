@@ -49,6 +49,9 @@ def test_conclusion_rows_are_matched_by_what_was_applied(tmp_path, tiny, tiny_pi
     assert f"x of {base['timing']['median_s']:.3f} s |" in md  # the row's own baseline
     assert report.device(cached).startswith("CPU") and report.device(dict(
         processes=2, provenance=dict(device_name="NVIDIA H200"))) == "2x NVIDIA H200"
+    elsewhere = dict(cached, processes=2, provenance=dict(cached["provenance"], device_name="NVIDIA H200"))
+    bars = [t.get_text() for t in report.plot_times([base, elsewhere]).axes[0].get_yticklabels()]
+    assert bars[1].endswith("(2x NVIDIA H200)") and report.device(base) in bars[0].replace("\n", " ")
     # ratios only within one chapter's run: a baseline of another chapter in the same runner invocation is not it
     other = dict(base, chapter="04_context_parallel", provenance=dict(base["provenance"], date_utc="9999"))
     assert compare.baseline_for(cached, recs + [other])["chapter"] == "02_first_block_cache"
