@@ -116,7 +116,7 @@ def join(norms: list[torch.nn.Module]) -> torch.nn.Linear:
     FP8 rowwise quantization then scales each output row as it scaled that row in its own layer."""
     first = norms[0].linear.weight
     features = sum(norm.linear.out_features for norm in norms)
-    joined = torch.nn.Linear(first.shape[1], features, device=first.device, dtype=first.dtype)
+    joined = torch.nn.Linear(first.shape[1], features, device="meta", dtype=first.dtype).to_empty(device=first.device)
     start = 0
     with torch.no_grad():
         for norm in norms:
