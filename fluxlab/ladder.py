@@ -346,16 +346,11 @@ def memory_table(runs_: list[dict]) -> "Markdown":
              "|---|---|---|---|---|---|"]
     for card in CARDS_GB:
         fits = [r for r in recs if not r["cache"] and (footprint(r) + CONTEXT_GB <= card or _capped_within(r, card))]
-        found = False
-        for device in devices:
-            best_fit = min((r for r in fits if r["provenance"]["device_name"] == device),
-                           key=lambda r: r["timing"]["median_s"], default=None)
-            if best_fit:
-                found = True
-                lines.append(f"| {card} GB | {device} | `{best_fit['name']}`: {best_fit['label']} | "
-                             f"{best_fit['timing']['median_s']:.3f} | {footprint(best_fit):.1f} | {_cap(best_fit)} |")
-        if not found:
-            lines.append(f"| {card} GB | — | nothing measured fits | — | — | — |")
+        best = [min((r for r in fits if r["provenance"]["device_name"] == device),
+                    key=lambda r: r["timing"]["median_s"], default=None) for device in devices]
+        lines += [f"| {card} GB | {device} | `{b['name']}`: {b['label']} | {b['timing']['median_s']:.3f} | "
+                  f"{footprint(b):.1f} | {_cap(b)} |" for device, b in zip(devices, best) if b] or [
+                  f"| {card} GB | — | nothing measured fits | — | — | — |"]
     lines += ["", "The configurations that trade time for memory (offload, or a cap):", "",
               "| Configuration | Measured on | s/image | Peak allocated (GB) | Peak reserved (GB) | Run under a cap "
               "| Run |",
@@ -366,8 +361,8 @@ def memory_table(runs_: list[dict]) -> "Markdown":
                      f"{r['timing']['median_s']:.3f} | {r['peak_mem_gb']:.1f} | {footprint(r):.1f} | {_cap(r)} "
                      f"| `{Path(r['_path']).name}` |")
     note = (f"Measured on {' and '.join(devices)} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the "
-            "timed calls, as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at most "
-            f"the card's size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run "
+            "timed calls, as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at "
+            f"most the card's size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run "
             "under a cap': from its first call on, PyTorch could hold no more than that many 10^9 bytes on the GPU "
             "(`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more than "
             "the allowance for the CUDA context beside the cap, so the run itself shows the configuration fits. "

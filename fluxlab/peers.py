@@ -29,7 +29,7 @@ def flux_fast(pipe) -> dict:
     pipe.transformer.fuse_qkv_projections()
     pipe.vae.fuse_qkv_projections()
     # set_inductor_config=False: torchao's default would switch on coordinate-descent tuning process-wide, which
-    # this recipe leaves out (with it, the whole transformer's first compile ran past 300 s on an H100)
+    # this recipe leaves out
     quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
                                                                          set_inductor_config=False))
     pipe.vae.to(memory_format=torch.channels_last)

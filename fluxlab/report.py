@@ -313,7 +313,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
         rec = compare.find(records, spec["needs"], spec["processes"])
         if rec is None:
             why = f"not run: no {spec['processes']}-process run of it in this book"
-            lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} | " + " | ".join(["—"] * 6) + " |")
+            lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} |" + " — |" * 6)
             continue
         found.append(rec)
         base = compare.baseline_for(rec, records)

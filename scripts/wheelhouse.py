@@ -9,8 +9,8 @@ elsewhere), the server's (the `serve` extra) and FP8 attention's (the `hopper` e
 nvidia-*, cuda-*) and any name listed in `--skip` (one per line: what the target already has, e.g. from
 `pip list --format freeze` there), and downloads exactly those wheels. Left out always: what a kernel that
 papermill runs never imports (`HEADLESS_UNUSED`); with `--no-serve`, the server's extra (a GPU machine that runs
-the chapters and the benchmark: the wheels travel with the tree, within its size limit). `install` installs them without an index;
-with `--target`, add that folder to PYTHONPATH.
+the chapters and the benchmark: the wheels travel with the tree, within its size limit). `install` installs them
+without an index; with `--target`, add that folder to PYTHONPATH.
 """
 import argparse
 import json
