@@ -172,10 +172,22 @@ class Stage(dict):
 
 
 def dump_stacks_every(seconds: float) -> None:
-    """In a child with a time limit: every thread's Python stack into its output every `seconds` (a third of the
-    limit), so that its log shows whether a slow stage moves on or hangs. A timer thread writes them: a first H100
-    check got nothing from the SIGUSR1 that `Child.stop` sends."""
-    faulthandler.dump_traceback_later(max(1.0, seconds), repeat=True)
+    """In a child with a time limit: every other thread's Python stack into stderr (its log) every `seconds` (a third
+    of the limit), so that its log shows whether a slow stage moves on or hangs. Our own thread reads the frames
+    holding the GIL: faulthandler's timer (`dump_traceback_later`) reads them without it and crashed a run (SIGSEGV)."""
+    every, start = max(1.0, seconds), time.monotonic()
+
+    def dump() -> None:
+        while True:
+            time.sleep(every)
+            names = {t.ident: t.name for t in threading.enumerate()}
+            lines = [f"Stacks after {int(time.monotonic() - start)} s (every {every:.0f} s), most recent call last:"]
+            for ident, frame in sys._current_frames().items():
+                if ident != threading.get_ident():
+                    lines.append(f"Thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)))
+            print("\n".join(lines), file=sys.stderr, flush=True)
+
+    threading.Thread(target=dump, name="stack dumps", daemon=True).start()
 
 
 def _die_with_parent() -> None:
