@@ -34,14 +34,13 @@ def tag(name: str) -> str:
 
 def runs(folder: str | Path) -> list[dict]:
     """Every benchmark file in `folder` as {"path", "complete", "world_size", "records", "failed"}, fewest processes
-    first,
-    each process count's untagged run before its tagged ones. `complete` is False for a progress file
+    first, each process count's untagged run before its tagged ones. `complete` is False for a progress file
     (bench-<N>gpu[-<tag>].partial.json) of a run that stopped early."""
     found = []
     for path in sorted(Path(folder).glob(BENCH_FILES)):
-        recs = records.read(path)
+        recs, failed = records.read_run(path)
         found.append(dict(path=path.name, complete=not path.name.endswith(".partial.json"), records=recs,
-                          failed=records.failures(path), world_size=max(r["processes"] for r in recs)))
+                          failed=failed, world_size=max(r["processes"] for r in recs)))
     return sorted(found, key=lambda r: (r["world_size"], tag(r["path"]) != "", not r["complete"], r["path"]))
 
 

@@ -107,16 +107,23 @@ def _load(path: Path) -> dict:
     return data
 
 
+def read_run(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """One file's records, each with `_path` (the file) set, and the configurations that failed in the run that
+    wrote it; all checked, the file parsed once."""
+    path = Path(path)
+    data = _load(path)
+    return ([dict(check(r, str(path)), _path=str(path)) for r in data["records"]],
+            [check_failure(f, str(path)) for f in data.get("failed", [])])
+
+
 def read(path: str | Path) -> list[dict]:
     """The records of one file, checked, each with `_path` (the file) set."""
-    path = Path(path)
-    return [dict(check(r, str(path)), _path=str(path)) for r in _load(path)["records"]]
+    return read_run(path)[0]
 
 
 def failures(path: str | Path) -> list[dict]:
     """The configurations that failed in the run that wrote this file, checked."""
-    path = Path(path)
-    return [check_failure(f, str(path)) for f in _load(path).get("failed", [])]
+    return read_run(path)[1]
 
 
 def read_folder(folder: str | Path, pattern: str = "*.json") -> list[dict]:
