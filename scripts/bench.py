@@ -20,7 +20,9 @@ reference), ends the run.
 Writes `<out>/bench-<N>gpu.json` (`bench-<N>gpu-<tag>.json` with `--tag`; records and failures, `fluxlab.records`)
 when the run ends; progress goes to the same name ending in `.partial.json` after each configuration (with the
 latents references beside it). On one process, `--resume` goes on with an interrupted run's progress file on the
-same GPU (a machine kept between calls whose time is limited): its records keep the run's id.
+same GPU (a machine kept between calls whose time is limited): its records keep the run's id. `--start-within S`
+starts no configuration once S seconds of the run have passed, so that a call with a time limit stops between
+configurations (exit code 3) rather than inside one; `--resume` in the next call goes on.
 """
 import argparse
 import collections
@@ -348,6 +350,9 @@ def main():
                         help="per process: compute / exposed communication / idle of one image; bare all-to-all")
     parser.add_argument("--config-limit", type=float, default=1200,
                         help="seconds a configuration of a one-process run may take, cold start included")
+    parser.add_argument("--start-within", type=float,
+                        help="one-process runs: start no configuration after this many seconds (exit code 3; then "
+                             "--resume)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child of a one-process run: this configuration only
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where every thread is, then go on
@@ -370,8 +375,10 @@ def main():
         for name in names:
             kwargs = optimize_kwargs(name, max(world_size, 2))[1]
             fluxlab.check_options(**{k: v for k, v in kwargs.items() if k in CHECKED}, device=settings.device)
-        if args.resume and world_size > 1:
-            raise ValueError("--resume goes on with a one-process run")
+        if (args.resume or args.start_within is not None) and world_size > 1:
+            raise ValueError("--resume and --start-within go with a one-process run")
+        if args.start_within is not None and args.start_within <= 0:
+            raise ValueError(f"--start-within {args.start_within}: seconds > 0")
         if any(LADDER[c][0] == ALL for c in names):
             if world_size < 2:
                 raise ValueError("context-parallel configurations need torchrun with 2 or more processes")
@@ -413,6 +420,11 @@ def main():
             partial.unlink(missing_ok=True)
             partial.with_suffix(".latents.safetensors").unlink(missing_ok=True)
         done, failed = each_in_its_own_process(names, args, partial, settings.device)
+        left = [n for n in names if n not in {r["name"] for r in done} | {f["name"] for f in failed}]
+        if left:
+            print(f"not started: {', '.join(left)} (the {args.start_within:g} s of --start-within had passed); the progress "
+                  f"file {partial} keeps the rest: go on with --resume", flush=True)
+            sys.exit(3)
     else:
         run_here([args.one] if args.one else names, names, done, failed, references, settings, world, args, traffic,
                  partial)
@@ -453,12 +465,16 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
     pools, a crash) reaches the next; each has `--config-limit` seconds, cold start included. The children add
     their records, failures and latents references to the progress file; one that crashes or runs past its limit
     is recorded here as failed (at the limit with a dump of its threads' stacks in the output), and the run goes
-    on, unless it is the first configuration (the run's reference). Returns the records and failures."""
+    on, unless it is the first configuration (the run's reference). None starts after `--start-within` seconds.
+    Returns the records and failures."""
     env = {"FLUXLAB_RUN_ID": records.RUN_ID}  # one run id for every child's records
+    start = time.monotonic()
     for name in names:
         done, failed = progress(partial)
         if name in {r["name"] for r in done} | {f["name"] for f in failed}:
             continue
+        if args.start_within is not None and time.monotonic() - start > args.start_within:
+            break
         command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--configs", ",".join(names),
                    "--source", args.source, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--repeats", str(args.repeats), "--out", args.out, "--tag", args.tag,

@@ -214,6 +214,26 @@ def test_a_failing_reference_ends_the_run_without_a_results_file(tmp_path):
     assert not (tmp_path / "bench-1gpu.json").exists()
 
 
+def test_start_within_stops_a_run_between_configurations_and_resume_goes_on(tmp_path):
+    """No configuration starts after --start-within seconds (the first always does): exit code 3, progress kept."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    command = [sys.executable, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
+               "--configs", "baseline,fp8", "--out", str(tmp_path)]
+    first = subprocess.run(command + ["--start-within", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 3 and "not started: fp8 (the 0.5 s of --start-within had passed)" in first.stdout, first.stderr
+    assert [r["name"] for r in records.read(tmp_path / "bench-1gpu.partial.json")] == ["baseline"]
+    assert not (tmp_path / "bench-1gpu.json").exists()
+    again = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    base, fp8 = records.read(tmp_path / "bench-1gpu.json")
+    assert fp8["name"] == "fp8" and base["provenance"]["run_id"] == fp8["provenance"]["run_id"]
+    wrong = subprocess.run(command + ["--start-within", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "--start-within 0.0: seconds > 0" in wrong.stderr
+
+
 def test_an_interrupted_run_resumes_with_its_run_id_and_latents_references(tmp_path):
     """Killed after its first configuration (as a call's time limit does), the run goes on where it stopped."""
     import subprocess
