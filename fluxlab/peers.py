@@ -61,7 +61,9 @@ def cache_dit(pipe) -> dict:
 
 def para_attention(pipe) -> dict:
     """The source article's one-GPU recipe through ParaAttention's API: its First Block Cache (0.12), torchao float8
-    (dynamic activations and weights in the transformer, weight-only in T5), the transformer compiled."""
+    (dynamic activations and weights in the transformer, weight-only in T5), the transformer compiled. para-attn
+    0.3.38 fails with diffusers 0.42 (its cache calls FLUX's single blocks without `encoder_hidden_states`): kept so
+    that a run records what a reader of the article would get."""
     from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_pipe
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, quantize_
 
