@@ -67,20 +67,23 @@ def breakdown(kernels: list[tuple[str, float, float]], wall_s: float) -> dict:
     """From (name, start_s, end_s) of every GPU kernel in one image: seconds of compute (union of non-NCCL kernels),
     of communication (union of NCCL kernels), of communication that overlaps no compute ("exposed"), and of idle
     (wall time with no kernel at all, with `idle_gaps`); plus kernel time by kind and of the 30 costliest kernel
-    names (sums, for the ranking)."""
+    names (sums, for the ranking) with their number of calls (a kernel's time per call in the pipeline, to set
+    beside `scripts/bench_kernels.py`'s)."""
     compute = [(a, b) for n, a, b in kernels if kind(n) != "communication"]
     comm = [(a, b) for n, a, b in kernels if kind(n) == "communication"]
     busy = union_length(compute + comm)
     compute_s = union_length(compute)
-    by_kind, by_name = {}, {}
+    by_kind, by_name, calls = {}, {}, {}
     for name, a, b in kernels:
         by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + b - a
         by_name[name[:120]] = by_name.get(name[:120], 0.0) + b - a
+        calls[name[:120]] = calls.get(name[:120], 0) + 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:30]
     return dict(wall_s=wall_s, compute_s=compute_s, communication_s=union_length(comm),
                 exposed_communication_s=busy - compute_s, idle_s=max(0.0, wall_s - busy), kernels=len(kernels),
                 kernel_s_by_kind={k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top_kernels_s={k: round(v, 4) for k, v in top}, idle=idle_gaps(kernels))
+                top_kernels_s={k: round(v, 4) for k, v in top}, top_kernels_calls={k: calls[k] for k, _ in top},
+                idle=idle_gaps(kernels))
 
 
 def profile_call(fn, device: torch.device) -> dict:

@@ -22,6 +22,10 @@ def test_breakdown_separates_compute_exposed_communication_and_idle():
     assert b["idle_s"] == pytest.approx(4.0 - 2.5)
     assert b["kernel_s_by_kind"]["communication"] == pytest.approx(1.8)  # the sum, for ranking kinds
     assert b["kernel_s_by_kind"]["FP8 GEMM"] == pytest.approx(1.0) and b["kernels"] == 4
+    again = profiling.breakdown(kernels + [("nvjet_sm90_qqtst_gemm", 3.0, 3.5)], wall_s=4.0)
+    assert again["top_kernels_s"]["nvjet_sm90_qqtst_gemm"] == pytest.approx(1.5)
+    assert again["top_kernels_calls"] == {"nvjet_sm90_qqtst_gemm": 2, "ncclDevKernel_SendRecv": 1,
+                                          "triton_poi_fused_mul_0": 1, "ncclDevKernel_AllGather": 1}
 
 
 @pytest.mark.parametrize("name, kind", [
