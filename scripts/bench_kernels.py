@@ -21,7 +21,7 @@ the same run) takes to read and write the same bytes.
 - adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
   scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
 Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
-block graphs), min and median. Writes `<out>/kernels-<gpu>.json` with provenance.
+block graphs), min and median; today's kernels also with the L2 cache emptied before each call (`cold_...`). Writes `<out>/kernels-<gpu>.json` with provenance.
 """
 import argparse
 import json
@@ -91,9 +91,19 @@ def gelu_join(attn, mlp, out, scale, warps: int = 8, two_pass_block: int | None 
                                 triton.next_power_of_2(h), TWO_SQRT_2_OVER_PI, E4M3_MAX, num_warps=warps)
 
 
-def timed(fn) -> dict:
+def timed(fn, cold: bool = False) -> dict:
+    """`fn`'s milliseconds per call, replayed from a CUDA graph, min and median. Each replay finds what the one before
+    left in the L2 cache (50 MB on an H100: a q/k or LayerNorm call's 42 MB fit). `cold` adds the median with the L2
+    emptied before each call (a 256 MiB write first in the graph; that write's own time, timed alone, taken off), as
+    when the inputs come from memory."""
     median, low = do_bench_cudagraph(fn, rep=200, quantiles=[0.5, 0.0])
-    return dict(median_ms=round(median, 5), min_ms=round(low, 5))
+    t = dict(median_ms=round(median, 5), min_ms=round(low, 5))
+    if cold:
+        evict = torch.empty(256 * 2 ** 20, device="cuda", dtype=torch.uint8)
+        alone = do_bench_cudagraph(evict.zero_, rep=200, quantiles=[0.5])
+        both = do_bench_cudagraph(lambda: (evict.zero_(), fn()), rep=200, quantiles=[0.5])
+        t["cold_median_ms"] = round(both - alone, 5)
+    return t
 
 
 def gelu_candidates(device) -> list[dict]:
@@ -114,9 +124,9 @@ def gelu_candidates(device) -> list[dict]:
             gelu_join(attn, mlp, out, scale, **kwargs)
             same = torch.equal(out.view(torch.uint8), reference[0].view(torch.uint8)) and torch.equal(scale,
                                                                                                      reference[1])
-            t = timed(lambda: gelu_join(attn, mlp, out, scale, **kwargs))
+            t = timed(lambda: gelu_join(attn, mlp, out, scale, **kwargs), cold=name.startswith("today"))
             rows.append(dict(kernel="gelu_join_fp8", shape=shape, candidate=name, bit_identical=same, **t,
-                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)))
+                             tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3)) | cold_bandwidth(t, moved))
             print(rows[-1], flush=True)
     return rows
 
@@ -129,6 +139,14 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() * src.element_size() / (timed(lambda: dst.copy_(src))["min_ms"] * 1e-3)
 
 
+def cold_bandwidth(t: dict, moved: int, bound_ms: float | None = None) -> dict:
+    """The bandwidth (and share of the bound) of a `timed(..., cold=True)` call's cold median; nothing without one."""
+    if "cold_median_ms" not in t:
+        return {}
+    cold = dict(cold_tb_per_s=round(moved / (t["cold_median_ms"] * 1e-3) / 1e12, 3))
+    return cold | ({} if bound_ms is None else dict(cold_of_bound=round(bound_ms / t["cold_median_ms"], 3)))
+
+
 def against_today(kernel: str, shape: str, candidates: list, moved: int, bandwidth: float,
                   fp8=lambda out: out) -> list[dict]:
     """Each (name, function) timed, with the share of its FP8 values (`fp8` of its output) that differ from the first
@@ -138,10 +156,11 @@ def against_today(kernel: str, shape: str, candidates: list, moved: int, bandwid
     rows = []
     for name, fn in candidates:
         differ = (fp8(fn()).float() != today).float().mean().item()
-        t = timed(fn)
+        t = timed(fn, cold=fn is candidates[0][1])
         rows.append(dict(kernel=kernel, shape=shape, candidate=name, share_differing_from_today=round(differ, 6), **t,
                          tb_per_s=round(moved / (t["min_ms"] * 1e-3) / 1e12, 3), bound_ms=round(bound_ms, 5),
-                         bound_tb_per_s=round(bandwidth / 1e12, 3), of_bound=round(bound_ms / t["min_ms"], 3)))
+                         bound_tb_per_s=round(bandwidth / 1e12, 3), of_bound=round(bound_ms / t["min_ms"], 3))
+                    | cold_bandwidth(t, moved, bound_ms))
         print(rows[-1], flush=True)
     return rows
 
