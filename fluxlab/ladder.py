@@ -361,10 +361,10 @@ def memory_table(runs_: list[dict]) -> "Markdown":
                      f"| `{Path(r['_path']).name}` |")
     note = (f"Measured on {' and '.join(devices)} with flux-dev-random (1024x1024, 28 steps): peak GPU memory of the "
             "timed calls, as PyTorch's allocator saw it. A configuration fits a card when it ran under a cap of at "
-            f"most the card's size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context fits. 'Run "
-            "under a cap': from its first call on, PyTorch could hold no more than that many 10^9 bytes on the GPU "
-            "(`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more than "
-            "the allowance for the CUDA context beside the cap, so the run itself shows the configuration fits. "
+            f"most the card's size, or when its peak reserved memory plus {CONTEXT_GB:g} GB for the CUDA context "
+            "fits. 'Run under a cap': from its first call on, PyTorch could hold no more than that many 10^9 bytes on "
+            "the GPU (`torch.cuda.set_per_process_memory_fraction`); a card sold as N GB has N GiB, which leaves more "
+            "than the allowance for the CUDA context beside the cap, so the run itself shows the configuration fits. "
             "Loading and quantizing ran uncapped. Times on a smaller card's own GPU differ from these.")
     return markdown("\n".join(lines) + f"\n\n*{note}*")
 

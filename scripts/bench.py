@@ -310,8 +310,7 @@ def resume(partial: Path, names: list[str], device: torch.device) -> tuple[list,
     GPU; the records made from here on keep its run id."""
     if not partial.exists():
         raise ValueError(f"--resume: no progress file {partial}")
-    done = [{k: v for k, v in r.items() if k != "_path"} for r in records.read(partial)]
-    failed = records.failures(partial)
+    done, failed = progress(partial)
     ran = [r["name"] for r in done] + [f["name"] for f in failed]
     if ran != names[:len(ran)]:
         raise ValueError(f"--resume: the progress file ran {ran}, not the first of --configs {names}")
@@ -420,10 +419,11 @@ def main():
             partial.unlink(missing_ok=True)
             partial.with_suffix(".latents.safetensors").unlink(missing_ok=True)
         done, failed = each_in_its_own_process(names, args, partial, settings.device)
-        left = [n for n in names if n not in {r["name"] for r in done} | {f["name"] for f in failed}]
+        ran = finished(done, failed)
+        left = [n for n in names if n not in ran]
         if left:
-            print(f"not started: {', '.join(left)} (the {args.start_within:g} s of --start-within had passed); the progress "
-                  f"file {partial} keeps the rest: go on with --resume", flush=True)
+            print(f"not started: {', '.join(left)} (the {args.start_within:g} s of --start-within had passed); the "
+                  f"progress file {partial} keeps the rest: go on with --resume", flush=True)
             sys.exit(3)
     else:
         run_here([args.one] if args.one else names, names, done, failed, references, settings, world, args, traffic,
@@ -436,7 +436,7 @@ def run_here(todo: list[str], names: list[str], done: list, failed: list, refere
              traffic, partial: Path) -> None:
     """Run each of `todo` not yet run in this process (every process of a context-parallel run), adding its record
     or failure to `done` or `failed` and to the progress file."""
-    ran = {r["name"] for r in done} | {f["name"] for f in failed}
+    ran = finished(done, failed)
     for name in todo:
         if name in ran:
             continue
@@ -471,7 +471,7 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
     start = time.monotonic()
     for name in names:
         done, failed = progress(partial)
-        if name in {r["name"] for r in done} | {f["name"] for f in failed}:
+        if name in finished(done, failed):
             continue
         if args.start_within is not None and time.monotonic() - start > args.start_within:
             break
@@ -495,7 +495,7 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
         for reader in readers:
             reader.join(timeout=10)
         done, failed = progress(partial)
-        if name in {r["name"] for r in done} | {f["name"] for f in failed}:
+        if name in finished(done, failed):
             continue
         stage = Stage.last(tail, "load")
         why = (f"timed out after {args.config_limit:.0f} s (a process of its own; its threads' stacks are in the "
@@ -520,7 +520,13 @@ def progress(partial: Path) -> tuple[list, list]:
     """The records and failures a progress file holds so far (none if there is none)."""
     if not partial.exists():
         return [], []
-    return [{k: v for k, v in r.items() if k != "_path"} for r in records.read(partial)], records.failures(partial)
+    recs, failed = records.read_run(partial)
+    return [{k: v for k, v in r.items() if k != "_path"} for r in recs], failed
+
+
+def finished(done: list, failed: list) -> set[str]:
+    """The names of the configurations a run has recorded, as timed or as failed."""
+    return {r["name"] for r in done} | {f["name"] for f in failed}
 
 
 def finish(names: list[str], done: list, failed: list, partial: Path, final: Path) -> None:

@@ -21,7 +21,8 @@ the same run) takes to read and write the same bytes.
 - adaLN modulation products (`fluxlab.modulation`): one step's 77 one-row FP8 products (`torch._scaled_mm`, rowwise
   scales; the activations already quantized) against the same 77 products of 28 rows, one step's share.
 Each is timed on the GPU from a CUDA graph (`triton.testing.do_bench_cudagraph`: no launch overhead, as inside the
-block graphs), min and median; today's kernels also with the L2 cache emptied before each call (`cold_...`). Writes `<out>/kernels-<gpu>.json` with provenance.
+block graphs), min and median; today's kernels also with the L2 cache emptied before each call (`cold_...`).
+Writes `<out>/kernels-<gpu>.json` with provenance.
 """
 import argparse
 import json

@@ -9,9 +9,9 @@ call) in a fresh process: nothing an earlier configuration compiled, set or leak
 of `<out>/gpu-check.jsonl`, written as it finishes: passed (cold start, seconds per image, latents finite), failed
 (the stage it was in and its error) or timed out (dumps of every thread's Python stack every third of the limit
 and at it, and what `TORCH_LOGS=recompiles,graph_breaks` printed). `<out>/<name>.log` holds each process's whole
-output. With `--resume`, what `<out>/gpu-check.jsonl` already holds is not run again (a machine kept between calls). `--jobs N`
-runs N configurations at once on the one GPU (their timings are then not comparable: this checks, bench.py times);
-a configuration that runs out of memory beside others is tried again alone.
+output. With `--resume`, what `<out>/gpu-check.jsonl` already holds is not run again (a machine kept between
+calls). `--jobs N` runs N configurations at once on the one GPU (their timings are then not comparable: this
+checks, bench.py times); a configuration that runs out of memory beside others is tried again alone.
 """
 import argparse
 import faulthandler

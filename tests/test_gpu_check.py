@@ -44,7 +44,8 @@ def test_each_configuration_passes_or_fails_with_its_stage(tmp_path):
 
 
 def test_a_configuration_past_its_limit_is_stopped_with_stack_dumps_as_it_goes(tmp_path):
-    # 1,000 steps at 512x512 (1,024 tokens, 16 times the tiny source's own): ~200 s a call on 2 cores, far past the limit
+    # 1,000 steps at 512x512 (1,024 tokens, 16 times the tiny source's own): ~200 s a call on 2 cores, far past
+    # the limit
     done, results = check(tmp_path, "--configs", "baseline", "--steps", "1000", "--height", "512", "--width", "512",
                           "--limit", "24")
     assert done.returncode == 1
