@@ -311,9 +311,9 @@ def resume(partial: Path, names: list[str], device: torch.device) -> tuple[list,
     if not partial.exists():
         raise ValueError(f"--resume: no progress file {partial}")
     done, failed = progress(partial)
-    ran = [r["name"] for r in done] + [f["name"] for f in failed]
-    if ran != names[:len(ran)]:
-        raise ValueError(f"--resume: the progress file ran {ran}, not the first of --configs {names}")
+    ran = finished(done, failed)  # a set: the file keeps records and failures apart, each in the order they ran
+    if ran != set(names[:len(ran)]):
+        raise ValueError(f"--resume: the progress file ran {sorted(ran)}, not the first of --configs {names}")
     here = records.provenance(device, 1)["device_name"]
     if done and done[0]["provenance"]["device_name"] != here:
         raise ValueError(f"--resume: the progress file ran on {done[0]['provenance']['device_name']}, this is {here}")
@@ -498,8 +498,10 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
         if name in finished(done, failed):
             continue
         stage = Stage.last(tail, "load")
+        last = next((line.strip() for line in reversed(tail) if line.strip()), "")  # a crash's error, usually
         why = (f"timed out after {args.config_limit:.0f} s (a process of its own; its threads' stacks are in the "
-               f"run's output)" if timed_out else f"its process ended with exit code {child.process.returncode}")
+               f"run's output)" if timed_out else
+               f"its process ended with exit code {child.process.returncode}" + (f": {last[:300]}" if last else ""))
         if name == names[0]:
             raise SystemExit(f"error: the run's reference {name} failed in {stage}: {why}")
         failed.append(failure(name, stage, RuntimeError(why), device))

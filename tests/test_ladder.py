@@ -236,14 +236,15 @@ def test_start_within_stops_a_run_between_configurations_and_resume_goes_on(tmp_
 
 
 def test_an_interrupted_run_resumes_with_its_run_id_and_latents_references(tmp_path):
-    """Killed after its first configuration (as a call's time limit does), the run goes on where it stopped."""
+    """Killed after its first configuration (as a call's time limit does), the run goes on where it stopped, also past
+    a configuration timed after a failed one (the progress file keeps records and failures apart)."""
     import subprocess
     import sys
     import time
 
     from conftest import ROOT
     command = [sys.executable, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
-               "--configs", "baseline,peer-flux-fast,compile", "--out", str(tmp_path)]
+               "--configs", "baseline,peer-flux-fast,compile,fp8", "--out", str(tmp_path)]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "bench-1gpu.partial.json"
     try:
@@ -256,7 +257,8 @@ def test_an_interrupted_run_resumes_with_its_run_id_and_latents_references(tmp_p
     assert [r["name"] for r in records.read(partial)] == ["baseline"], "the first run ended before it was stopped"
     result = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    base, compiled = records.read(tmp_path / "bench-1gpu.json")
+    base, compiled, fp8 = records.read(tmp_path / "bench-1gpu.json")
+    assert fp8["name"] == "fp8" and fp8["provenance"]["run_id"] == base["provenance"]["run_id"]
     assert compiled["name"] == "compile" and base["provenance"]["run_id"] == compiled["provenance"]["run_id"]
     assert compiled["extras"]["latents_reference"] == "baseline" and compiled["extras"]["latents_rel_error"] > 0
     assert [f["name"] for f in records.failures(tmp_path / "bench-1gpu.json")] == ["peer-flux-fast"]
