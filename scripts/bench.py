@@ -145,6 +145,15 @@ def optimize_kwargs(name: str, world_size: int) -> tuple[int, dict, int | None, 
     return processes, kwargs, repeats, cap_gb
 
 
+def child_env(name: str) -> dict:
+    """What a configuration's own process adds to its environment: a capped one gets PyTorch's expandable segments,
+    as a user of a card that small would set (without them, freed blocks that fit no new request stay reserved: on
+    an H100, `fp8-encoders-offload-graphs-16gb` ran out of its 16 GB with 0.75 GB so held), unless already set."""
+    if LADDER[name][1].get("cap_gb") and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return {}
+
+
 def cap_memory(device: torch.device, cap_gb: float | None) -> None:
     """Let PyTorch hold at most `cap_gb` on this GPU from now on (None: all of it); over it, an allocation fails
     with an out-of-memory error, as on a card of that size."""
@@ -481,7 +490,7 @@ def each_in_its_own_process(names: list[str], args, partial: Path, device: torch
                    "--config-limit", str(args.config_limit)]
         command += [f"--{side}={getattr(args, side)}" for side in ("height", "width") if getattr(args, side)]
         command += ["--profile"] if args.profile else []
-        child, tail = Child(command, subprocess.PIPE, env), collections.deque(maxlen=40)
+        child, tail = Child(command, subprocess.PIPE, env | child_env(name)), collections.deque(maxlen=40)
         readers = [threading.Thread(target=_echo, args=(stream, to, tail), daemon=True)
                    for stream, to in ((child.process.stdout, sys.stdout), (child.process.stderr, sys.stderr))]
         for reader in readers:

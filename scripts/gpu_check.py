@@ -85,7 +85,8 @@ class Running(bench.Child):
                    args.source, "--device", args.device, "--steps", str(args.steps), "--limit", str(args.limit)]
         command += [f"--{side}={getattr(args, side)}" for side in ("height", "width") if getattr(args, side)]
         with open(self.log, "w") as out:
-            super().__init__(command, out, dict(TORCH_LOGS="recompiles,graph_breaks", FLUXLAB_PROGRESS="0"))
+            super().__init__(command, out, dict(TORCH_LOGS="recompiles,graph_breaks", FLUXLAB_PROGRESS="0")
+                             | bench.child_env(name))
 
     def result(self, timed_out: bool, limit: float) -> dict:
         lines = self.log.read_text(errors="replace").splitlines()

@@ -1,5 +1,6 @@
 """scripts/gpu_check.py on a CPU with the tiny source: each configuration in its own process, its result as a line as
 it finishes, failures with their stage, a time limit that leaves a stack dump."""
+import argparse
 import json
 import re
 import subprocess
@@ -61,3 +62,17 @@ def test_a_configuration_past_its_limit_is_stopped_with_stack_dumps_as_it_goes(t
 def test_bad_configurations_are_refused_before_anything_runs(tmp_path):
     done, results = check(tmp_path, "--configs", "baseline,warp-speed")
     assert done.returncode != 0 and "warp-speed" in done.stderr and not results
+
+
+def test_a_capped_configuration_gets_expandable_segments_unless_the_user_set_the_allocator(tmp_path, monkeypatch):
+    envs = {}
+    monkeypatch.setattr(bench.Child, "__init__", lambda self, command, out, env=None: envs.update({command[3]: env}))
+    args = argparse.Namespace(out=tmp_path, source="tiny", device="cpu", steps=2, limit=60, height=None,
+                                        width=None)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    for name in ("fp8-encoders-offload-graphs-16gb", "fp8-graphs"):
+        gpu_check.Running(name, args)
+    assert envs["fp8-encoders-offload-graphs-16gb"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in envs["fp8-graphs"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own: inherited as it is
+    assert bench.child_env("fp8-encoders-offload-graphs-16gb") == {}

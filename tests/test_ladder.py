@@ -287,3 +287,14 @@ def test_a_step_measured_before_its_base_compares_with_its_base():
     base, qk, plain = run["records"]
     assert ladder.previous(run["records"], qk) is plain and ladder.previous(run["records"], plain) is None
     assert "bench-1gpu-levers-h100.json" not in ladder.not_helped([run]).data  # qk_fp8 helped: +1.7%
+
+
+def test_a_capped_configuration_runs_with_expandable_segments_unless_the_user_set_the_allocator(tmp_path):
+    """A configuration under a memory cap gets its own process with PyTorch's expandable segments (as a user of a
+    card that small would set), and its record says so."""
+    result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs", "baseline,fp8-graphs-24gb",
+                      "--warmup", "1", "--repeats", "1", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base, capped = records.read(tmp_path / "bench-1gpu.json")
+    assert base["extras"].get("alloc_conf") is None
+    assert capped["extras"]["memory_cap_gb"] == 24 and capped["extras"]["alloc_conf"] == "expandable_segments:True"
