@@ -68,7 +68,7 @@ def test_a_capped_configuration_gets_expandable_segments_unless_the_user_set_the
     envs = {}
     monkeypatch.setattr(bench.Child, "__init__", lambda self, command, out, env=None: envs.update({command[3]: env}))
     args = argparse.Namespace(out=tmp_path, source="tiny", device="cpu", steps=2, limit=60, height=None,
-                                        width=None)
+                              width=None)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     for name in ("fp8-encoders-offload-graphs-16gb", "fp8-graphs"):
         gpu_check.Running(name, args)
