@@ -75,8 +75,10 @@ LADDER = {
     "fp8-attnfp8qk-gelufp8-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, compile_vae=True, graphs=True)),
     "fp8-attnfp8qk-gelufp8-mod-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, precompute_modulation=True,
                                                     compile_vae=True, graphs=True)),
-    # each LayerNorm + modulation + FP8 in one pass, read by every linear after it; then all three levers
+    # each LayerNorm + modulation + FP8 in one pass, read by every linear after it; with the q/k kernel; all three
     "fp8-attnfp8-gelufp8-norm-vae-graphs": (1, dict(ONE_PASS, norm_fp8=True, compile_vae=True, graphs=True)),
+    "fp8-attnfp8qk-gelufp8-norm-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, norm_fp8=True, compile_vae=True,
+                                                     graphs=True)),
     "fp8-attnfp8qk-gelufp8-norm-mod-vae-graphs": (1, dict(ONE_PASS, qk_fp8=True, norm_fp8=True,
                                                          precompute_modulation=True, compile_vae=True, graphs=True)),
     "fp8-attnfp8-gelufp8-flags-vae-graphs": (1, dict(ONE_PASS, inductor_flags=True, compile_vae=True, graphs=True)),
