@@ -289,7 +289,7 @@ def test_a_step_measured_before_its_base_compares_with_its_base():
     assert "bench-1gpu-levers-h100.json" not in ladder.not_helped([run]).data  # qk_fp8 helped: +1.7%
 
 
-def test_a_capped_configuration_runs_with_expandable_segments_unless_the_user_set_the_allocator(tmp_path):
+def test_a_capped_configuration_runs_with_expandable_segments_and_its_record_says_so(tmp_path):
     """A configuration under a memory cap gets its own process with PyTorch's expandable segments (as a user of a
     card that small would set), and its record says so."""
     result = torchrun(1, "scripts/bench.py", "--source", "tiny", "--steps", "2", "--configs", "baseline,fp8-graphs-24gb",
