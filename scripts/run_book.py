@@ -111,6 +111,31 @@ def validate(params: dict, selected: list[dict], nproc: int):
     return settings
 
 
+def check_same_source(out: Path, selected: list[dict], params: dict) -> None:
+    """A chapter that only reads records (the conclusion, the performance page) shows those of its own model source:
+    refuse to run it with another source than the chapters already executed into `out`, whose records it would
+    leave out (the published book's ran on flux-dev-random; the notebooks' default is tiny)."""
+    import papermill
+
+    readers = [c["name"] for c in selected if not c.get("gpu_memory_gb")]
+    if not readers:
+        return
+    default = ast.literal_eval(papermill.inspect_notebook(str(NOTEBOOKS / f"{readers[0]}.ipynb"))["model_source"]
+                               ["default"])
+    wanted = params.get("model_source", default)
+    names = {c["name"] for c in selected}
+    for chapter in book.chapters():
+        path = out / f"{chapter['name']}.ipynb"
+        if chapter["name"] in names or not chapter.get("gpu_memory_gb") or not path.exists():
+            continue
+        ran = json.loads(path.read_text())["metadata"].get("papermill", {}).get("parameters", {})
+        source = ran.get("model_source", default)
+        if source != wanted:
+            raise SystemExit(f"error: {path.relative_to(ROOT)} ran with model_source={source!r}: "
+                             f"{', '.join(readers)} would show the records of model_source={wanted!r} instead; "
+                             f"pass -p model_source={source}")
+
+
 class Progress:
     """Which cell of how many, time so far and an estimate: a live line on a terminal, plain lines (one per cell,
     and one every 30 s within a long cell) elsewhere."""
@@ -337,6 +362,7 @@ def main() -> None:
     summary = []
     if not args.build_only:
         settings = validate(params, selected, args.nproc)
+        check_same_source(out, selected, params)
         held = lock(out)
         os.environ.setdefault("FLUXLAB_RUN_ID", uuid.uuid4().hex[:12])
         os.environ["FLUXLAB_PROGRESS"] = "0"  # no denoising progress bars in executed pages

@@ -56,6 +56,20 @@ def test_runner_refuses_bad_input_before_running(out, args, message):
     assert not out.exists()
 
 
+def test_a_page_of_records_refuses_another_source_than_the_chapters_before_it(out):
+    """The conclusion run with the notebooks' default source (tiny) into a folder whose chapter 3 ran on
+    flux-dev-random would show tiny records beside it: refused before anything runs, the chapter kept."""
+    out.mkdir()
+    shutil.copy(ROOT / "book" / "published" / "03_fp8_compile.ipynb", out)
+    before = (out / "03_fp8_compile.ipynb").read_bytes()
+    result = run("--out", out, "--chapters", "05_conclusion", "--no-build", timeout=120)
+    assert result.returncode != 0
+    assert "ran with model_source='flux-dev-random'" in result.stderr, result.stderr[-1000:]
+    assert "pass -p model_source=flux-dev-random" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["03_fp8_compile.ipynb"]
+    assert (out / "03_fp8_compile.ipynb").read_bytes() == before
+
+
 def test_runner_names_a_missing_tool_before_running(monkeypatch):
     spec = importlib.util.spec_from_file_location("run_book", RUNNER)
     runner = importlib.util.module_from_spec(spec)
