@@ -1,6 +1,7 @@
 """The performance page from `scripts/bench.py`'s records: fluxlab's fastest beside other tools per GPU, the ladder,
 what did not help, what fits a smaller card, one verdict per process count against the page's targets, and the
 records' appendix."""
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,12 @@ def _seconds(rec: dict) -> str:
     return f"{t['median_s']:.3f} ({t['min_s']:.3f})"
 
 
+def short(error: str, limit: int = 160) -> str:
+    """An error for a table cell: without memory addresses, cut at a word within `limit` characters."""
+    error = re.sub(r" at 0x[0-9a-f]+", "", error)
+    return error if len(error) <= limit else error[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def headline(runs_: list[dict]) -> "Markdown":
     """Per GPU, from one run each: the bf16 baseline, fluxlab's fastest configuration and each other tool's recipe
     (or the error it failed with): s/image, ratio to the baseline, cold start, peak memory, latents error."""
@@ -152,7 +159,7 @@ def headline(runs_: list[dict]) -> "Markdown":
                          f"{r['timing']['cold_start_s']:.1f} | {r['peak_mem_gb'] or 0:.1f} | "
                          f"{'—' if error is None else format(error, '.1e')} |")
         for f in run["failed"]:
-            lines.append(f"| {gpu} | **failed**: `{f['name']}` | — | — | — | — | {f['stage']}: {f['error'][:160]} |")
+            lines.append(f"| {gpu} | **failed**: `{f['name']}` | — | — | — | — | {f['stage']}: {short(f['error'])} |")
     if len(lines) == 2:
         return markdown("*No benchmark run has measured other tools yet.*")
     note = ("s/image: median (minimum) of 3 timed calls after one untimed call (the cold start, compilation "
@@ -268,7 +275,8 @@ def _room(top: dict, needed_s: float) -> str:
 def command(run: dict) -> str:
     """The command line that makes a run like this one (its configurations, tag, repeats, profiling)."""
     recs, t = run["records"], tag(run["path"])
-    names = [r["name"] for r in recs] + [f["name"] for f in run["failed"]]
+    ran = sorted(recs + run["failed"], key=lambda r: r["provenance"]["date_utc"])  # in the order they ran
+    names = [r["name"] for r in ran]
     repeats = max(len(r["timing"]["times_s"]) for r in recs)
     launcher = f"torchrun --nproc_per_node {run['world_size']} " if run["world_size"] > 1 else "python "
     return (launcher + "scripts/bench.py" + (f" --tag {t}" if t else "") + f" --repeats {repeats}"
