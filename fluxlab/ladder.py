@@ -136,9 +136,10 @@ def _seconds(rec: dict) -> str:
 
 
 def short(error: str, limit: int = 160) -> str:
-    """An error for a table cell: without memory addresses, cut at a word within `limit` characters."""
-    error = re.sub(r" at 0x[0-9a-f]+", "", error)
-    return error if len(error) <= limit else error[:limit].rsplit(" ", 1)[0] + " …"
+    """An error for a Markdown table cell: without memory addresses, cut at a word within `limit` characters, as
+    code (`__eq__` is not bold)."""
+    error = re.sub(r" at 0x[0-9a-f]+", "", error).replace("`", "'").replace("|", "\\|")
+    return f"`{error if len(error) <= limit else error[:limit].rsplit(' ', 1)[0] + ' …'}`"
 
 
 def headline(runs_: list[dict]) -> "Markdown":
