@@ -11,11 +11,11 @@ the layers read their row from one buffer at a fixed address, so the blocks' CUD
 the scheduler's step index: the transformer must be called from the pipeline's denoising loop (as every diffusers
 FLUX pipeline does), with the pooled prompt and guidance tensors it passes at every step.
 """
-import weakref
-
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+from fluxlab.tensors import alive, mark, unchanged
 
 HOOK = "fluxlab_modulation"
 NORMS = (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous)
@@ -45,14 +45,14 @@ class Table:
             self.images = images
         return self.rows[images]
 
-    def _key(self, *tensors) -> tuple:
-        return tuple((weakref.ref(t), t._version) if t is not None else None for t in tensors)
+    @staticmethod
+    def _key(tensors) -> tuple:
+        return tuple(None if t is None else mark(t) for t in tensors)
 
     @staticmethod
     def _same(key: tuple, tensors) -> bool:
-        """The same tensor objects as when the key was made (alive), unchanged since (`_version`)."""
-        return all(k is None and t is None or k is not None and t is not None and k[0]() is t and k[1] == t._version
-                   for k, t in zip(key, tensors))
+        """The same tensors as when the key was made, alive and unchanged since."""
+        return all(k is None and t is None or t is not None and unchanged(k, t) for k, t in zip(key, tensors))
 
     def table(self, pooled: torch.Tensor, guidance: torch.Tensor | None, timestep_dtype: torch.dtype,
               dtype: torch.dtype) -> torch.Tensor:
@@ -71,9 +71,9 @@ class Table:
         else:
             temb = self.embed(timestep, guidance.to(dtype).repeat(steps) * 1000, pooled_all)
         rows = self.joined(torch.nn.functional.silu(temb))  # every adaLN layer is linear(silu(temb))
-        alive = [(key, rows) for key, rows in self.tables if all(k is None or k[0]() is not None for k in key)]
-        self.tables = alive[-(KEPT - 1):]
-        self.tables.append((self._key(*tensors), rows.view(steps, images, -1)))
+        kept = [(key, rows) for key, rows in self.tables if all(k is None or alive(k) for k in key)]
+        self.tables = kept[-(KEPT - 1):]
+        self.tables.append((self._key(tensors), rows.view(steps, images, -1)))
         return self.tables[-1][1]
 
 

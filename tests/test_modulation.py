@@ -43,6 +43,16 @@ def test_each_image_gets_its_own_steps_prompt_and_guidance(tiny, tiny_pipe):
     torch.testing.assert_close(true_cfg(precomputed), true_cfg(tiny_pipe), rtol=0, atol=1e-5)
 
 
+def test_a_pipeline_called_under_inference_mode(tiny, tiny_pipe):
+    """Tensors made under torch.inference_mode keep no version counter: the table knows them by identity alone."""
+    precomputed = fluxlab.load_pipeline(tiny)
+    modulation.use(precomputed)
+    with torch.inference_mode():
+        ours = latents(precomputed, tiny)
+        reference = latents(tiny_pipe, tiny)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
 def test_under_fp8_compiled_blocks_graphs_and_the_cache(tiny):
     """The fastest stack's order: the layers swapped first, FP8 (weight-only on a CPU) quantizes the layers they
     hold, the blocks compiled (and captured, on a GPU) read the step's row; the cache decides as before. Each
