@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -5,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 import fluxlab  # noqa: E402
@@ -89,3 +92,69 @@ def summary_disagreements(nb) -> list[str]:
     summary = "".join(_output_text(o) for c in cells[at:] if c.cell_type == "code" for o in c.outputs)
     others = "".join(_output_text(o) for c in cells[:at] if c.cell_type == "code" for o in c.outputs)
     return [n for n in re.findall(r"\d+\.\d+(?:x|%)", summary) if n not in others]
+
+
+class EmulatedGraph:
+    """A CUDA graph's memory on a CPU: capture records each operation with the tensors it read and wrote, replay
+    runs them again and writes each result into the tensor the capture wrote. As on a GPU, a replay reads its inputs
+    from the tensors the capture read (the graph's static inputs) and leaves its outputs in the same tensors."""
+
+    def __init__(self):
+        self.ops = []
+        self.replays = 0
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            result = func(*args, **kwargs)
+            for recorded, new in zip(tree_leaves(out), tree_leaves(result)):
+                if isinstance(recorded, torch.Tensor) and recorded.data_ptr() != new.data_ptr():
+                    recorded.copy_(new)
+        self.replays += 1
+
+
+class _Capture(TorchDispatchMode):
+    def __init__(self, graph: EmulatedGraph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def emulated_cuda_graphs(monkeypatch):
+    """`torch.cuda`'s graph capture and streams as `fluxlab.graphs` calls them, on a CPU (`EmulatedGraph`). Returns
+    the list of graphs captured; a `graphs.Capture` made while it is in place is enabled."""
+    from fluxlab import graphs
+
+    captured = []
+
+    def new_graph():
+        captured.append(EmulatedGraph())
+        return captured[-1]
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, capture_error_mode=None):
+        with _Capture(graph):
+            yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    init = graphs.Capture.__init__
+
+    def enabled(self, device, compiled):
+        init(self, torch.device("cpu"), compiled)
+        self.enabled, self.stream = True, _Stream()
+
+    monkeypatch.setattr(graphs.Capture, "__init__", enabled)
+    return captured

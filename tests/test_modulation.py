@@ -53,6 +53,17 @@ def test_a_pipeline_called_under_inference_mode(tiny, tiny_pipe):
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
+def test_block_graphs_read_each_step_s_row(tiny, tiny_pipe, emulated_cuda_graphs):
+    """Under CUDA graphs (emulated) the blocks read the row buffer at its fixed address, which each step refills:
+    two images of different step counts and guidance get the pipeline's own latents."""
+    precomputed = fluxlab.load_pipeline(tiny)
+    modulation.use(precomputed)
+    fluxlab.graphs.capture_blocks(precomputed.transformer, compile=False)
+    for request in (tiny, dataclasses.replace(tiny, steps=5, guidance=5.0)):
+        torch.testing.assert_close(latents(precomputed, request), latents(tiny_pipe, request), rtol=0, atol=1e-5)
+    assert emulated_cuda_graphs and all(g.replays for g in emulated_cuda_graphs)
+
+
 def test_under_fp8_compiled_blocks_graphs_and_the_cache(tiny):
     """The fastest stack's order: the layers swapped first, FP8 (weight-only on a CPU) quantizes the layers they
     hold, the blocks compiled (and captured, on a GPU) read the step's row; the cache decides as before. Each
