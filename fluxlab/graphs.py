@@ -15,13 +15,17 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fluxlab.tensors import mark, unchanged
+
 HOOK = "fluxlab_cuda_graph"
 
 
 class Capture:
     """What the block graphs of one transformer share: one memory pool (blocks replay one after another, so they
-    can reuse each other's scratch memory), one capture stream, and the addresses of their outputs, so a block
-    whose input is the previous block's output reads it in place instead of copying it."""
+    can reuse each other's scratch memory), one capture stream, the addresses of their outputs, so a block whose
+    input is the previous block's output reads it in place instead of copying it, and their other inputs: each
+    step's conditioning `temb` and rotary embedding are the same tensors for every block, so all 57 graphs read one
+    buffer of each, copied into once per step instead of once per block (blocks read these without writing them)."""
 
     def __init__(self, device: torch.device, compiled: bool):
         self.enabled = device.type == "cuda"
@@ -29,6 +33,25 @@ class Capture:
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self.stream = torch.cuda.Stream(device) if self.enabled else None
         self.outputs: set[int] = set()
+        self.inputs: list[torch.Tensor] = []  # the graphs' input buffers
+        self.held: dict[int, tuple] = {}  # an input buffer's address -> the mark of the tensor last copied in
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """The buffer a graph being captured reads `x` from: another graph's, if that one holds `x` already."""
+        if x.data_ptr() in self.outputs:
+            return x
+        buffer = next((b for b in self.inputs if unchanged(self.held[b.data_ptr()], x)), None)
+        if buffer is None:
+            buffer = x.clone()
+            self.inputs.append(buffer)
+            self.held[buffer.data_ptr()] = mark(x)
+        return buffer
+
+    def fill(self, buffer: torch.Tensor, x: torch.Tensor):
+        """Before a replay: `x` into the buffer the graph reads it from, unless it is there already."""
+        if x.data_ptr() != buffer.data_ptr() and not unchanged(self.held.get(buffer.data_ptr()), x):
+            buffer.copy_(x)
+            self.held[buffer.data_ptr()] = mark(x)
 
 
 class BlockGraph(ModelHook):
@@ -54,17 +77,15 @@ class BlockGraph(ModelHook):
                 return self.run(module, *args, **kwargs)
             entry = self.entries[key] = self._record(module, leaves, spec)
         graph, static, out = entry
-        for arg, buffer in zip(leaves, static):  # inputs into the graph's own buffers
-            if isinstance(arg, torch.Tensor) and arg.data_ptr() != buffer.data_ptr():
-                buffer.copy_(arg)
+        for arg, buffer in zip(leaves, static):
+            if isinstance(arg, torch.Tensor):
+                self.capture.fill(buffer, arg)
         graph.replay()
         return out
 
     def _record(self, module, leaves, spec):
         cap = self.capture
-        # The previous block's output already lives in the pool: read it in place.
-        static = [x.clone() if isinstance(x, torch.Tensor)
-                  and x.data_ptr() not in cap.outputs else x for x in leaves]
+        static = [cap.input(x) if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = tree_unflatten(static, spec)
         cap.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(cap.stream):  # lazy initialisation on the capture stream
