@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from . import compare, figures
+from . import applied, compare, figures
 
 if TYPE_CHECKING:
     from IPython.display import Markdown
@@ -307,7 +307,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
     that record's own run, beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
     lines = ["| Optimizations | Procs | Article on L20: s/image (speedup) | Ran here as | Device | s/image | Speedup "
              "| Skipped steps | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|---|---|---|"]
-    found = []
+    found, ran = [], []
     for spec in rows:
         quoted = "{:.2f} ({:.2f}x)".format(*spec["article"]) if spec.get("article") else "—"
         rec = compare.find(records, spec["needs"], spec["processes"])
@@ -316,6 +316,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
             lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} |" + " — |" * 6)
             continue
         found.append(rec)
+        ran.append((spec, rec))
         base = compare.baseline_for(rec, records)
         cells = _cells(row(rec, folder, base))
         if base is not None:  # each row's own baseline, of the same run and card(s), not the Baseline row's
@@ -323,10 +324,45 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
         lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | {device(rec)} | "
                      + " | ".join(cells) + " |")
     head = cpu_note(found[0]) + f"*{where(found)}*\n\n" if found else ""
+    slower = [note for i, (spec, rec) in enumerate(ran) if (note := _slower(spec, rec, ran[:i], records))]
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
                "First Block Cache on NVIDIA L20 GPUs\"); its speedups are over its own 1x L20 baseline. This book's "
                "speedups are over the plain pipeline of the same chapter run, whose median the cell gives.")
-    return markdown(head + "\n".join(lines) + "\n\n" + _notes(found, [article]))
+    return markdown(head + "\n".join(lines) + "\n\n" + "".join(f"{n}\n\n" for n in slower)
+                    + _notes(found, [article]))
+
+
+TECHNIQUES = dict(cache="First Block Cache", fp8="FP8", compile="compilation", parallel="context parallelism")
+
+
+def _slower(spec: dict, rec: dict, before: list[tuple[dict, dict]], records: list[dict]) -> str | None:
+    """Why a conclusion row is slower than the row before it whose techniques it adds to, on the same card(s),
+    as far as the records say: what its run left out that the other's had, steps its cache skipped, and the same
+    configuration without the added techniques in its own run. None where the row is not slower."""
+    needs = set(spec["needs"].items())
+    base_spec, base = next(((s, r) for s, r in reversed(before)
+                            if set(s["needs"].items()) < needs and s["processes"] == spec["processes"]), (None, None))
+    if base is None or device(base) != device(rec) or rec["timing"]["median_s"] <= base["timing"]["median_s"]:
+        return None
+    why = []
+    missing = {k: v for k, v in base["optimizations"].items() if k not in rec["optimizations"]}
+    if missing:
+        why.append(f"its configuration leaves out {applied.describe(missing)}, which that row's has")
+    added = {k for k in spec["needs"] if k not in base_spec["needs"]}
+    if "cache" in added and not rec["cache"]["skipped"]:
+        why.append(f"its cache skipped none of the {rec['cache']['steps']} steps, so it added its check and saved "
+                   "nothing")
+    alone = next((r for r in reversed(records) if compare.same_run(r, rec) and r["processes"] == rec["processes"]
+                  and set(r["optimizations"]) == set(rec["optimizations"]) - added), None)
+    if alone is not None:
+        why.append(f"the same configuration without {' and '.join(TECHNIQUES[k] for k in sorted(added))}, timed in "
+                   f"its run, took {alone['timing']['median_s']:.3f} s ({alone['label']}): "
+                   f"adding it gives a speedup of {speedup_text(compare.speedup(alone, rec))}")
+    if not compare.same_run(rec, base):
+        why.append("the two rows were timed in different runs")
+    return (f"**{spec['row']}** ({rec['timing']['median_s']:.3f} s) is slower than **{base_spec['row']}** "
+            f"({base['timing']['median_s']:.3f} s) on the same card: " + ("; ".join(why) or "the records give no "
+                                                                         "cause") + ".")
 
 
 def status_page(records: list[dict], chapters: list[dict], title: str, bench: list[dict] = ()) -> str:

@@ -58,6 +58,32 @@ def test_conclusion_rows_are_matched_by_what_was_applied(tmp_path, tiny, tiny_pi
     assert compare.baseline_for(cached, recs + [other])["chapter"] == "02_first_block_cache"
 
 
+def test_a_conclusion_row_slower_than_the_row_it_adds_to_says_why(tmp_path, tiny, tiny_pipe):
+    """The cache row ran on a stack without the FP8 row's attention kernel and skipped no step: the page says so,
+    with the same stack without the cache from the cache row's own run; a row that is not slower gets no note."""
+    base, cached = _two(tmp_path, tiny, tiny_pipe)
+
+    def timed(rec, name, optimizations, seconds, cache=None):
+        return dict(copy.deepcopy(rec), name=name, label=name, optimizations=optimizations, cache=cache,
+                    timing=dict(rec["timing"], median_s=seconds, min_s=seconds, times_s=[seconds] * 3))
+
+    fp8 = dict(fp8=dict(granularity="rowwise", dynamic_activation=True), compile=dict(scope="regional"))
+    fastest = timed(base, "fastest", dict(fp8, attention="_cudnn_fp8"), 2.5)
+    alone = timed(base, "fp8", fp8, 3.0)
+    both = timed(base, "fbcache", dict(fp8, cache=dict(threshold=0.12)), 3.1, cache=dict(skipped=0, steps=28))
+    rows = [dict(row="FP8", needs={"fp8": True, "compile": True}, processes=1),
+            dict(row="Both", needs={"cache": 0.12, "fp8": True, "compile": True}, processes=1)]
+    md = report.conclusion_table(rows, [base, fastest, alone, both], tmp_path).data
+    assert ("**Both** (3.100 s) is slower than **FP8** (2.500 s) on the same card: its configuration leaves out "
+            "attention cudnn_fp8, which that row's has; its cache skipped none of the 28 steps, so it added its check "
+            "and saved nothing; the same configuration without First Block Cache, timed in its run, took 3.000 s "
+            "(fp8): adding it gives a speedup of 0.97x.") in md
+    faster = timed(both, "fbcache", both["optimizations"], 2.4, cache=dict(skipped=9, steps=28))
+    assert "is slower than" not in report.conclusion_table(rows, [base, fastest, alone, faster], tmp_path).data
+    elsewhere = dict(both, provenance=dict(both["provenance"], device_name="NVIDIA H200"))
+    assert "is slower than" not in report.conclusion_table(rows, [base, fastest, alone, elsewhere], tmp_path).data
+
+
 def test_grid_status_and_scaling(tmp_path, tiny, tiny_pipe):
     base, cached = _two(tmp_path, tiny, tiny_pipe)
     sheet = report.record_grid([base, cached], tmp_path, columns=2, size=64)
