@@ -132,7 +132,8 @@ class _Stream:
 @pytest.fixture
 def emulated_cuda_graphs(monkeypatch):
     """`torch.cuda`'s graph capture and streams as `fluxlab.graphs` calls them, on a CPU (`EmulatedGraph`). Returns
-    the list of graphs captured; a `graphs.Capture` made while it is in place is enabled."""
+    the list of graphs captured; a `graphs.Capture` made while it is in place is enabled. Blocks must run eagerly
+    (`capture_blocks(compile=False)`): compiled code runs its fused kernels past the dispatcher, unseen by capture."""
     from fluxlab import graphs
 
     captured = []
