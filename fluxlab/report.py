@@ -307,7 +307,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
     that record's own run, beside the article's number (`article`: seconds and speedup on L20 GPUs, quoted)."""
     lines = ["| Optimizations | Procs | Article on L20: s/image (speedup) | Ran here as | Device | s/image | Speedup "
              "| Skipped steps | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|---|---|---|"]
-    found, ran = [], []
+    ran = []  # (row, its record) for each row a record matches
     for spec in rows:
         quoted = "{:.2f} ({:.2f}x)".format(*spec["article"]) if spec.get("article") else "—"
         rec = compare.find(records, spec["needs"], spec["processes"])
@@ -315,7 +315,6 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
             why = f"not run: no {spec['processes']}-process run of it in this book"
             lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {why} |" + " — |" * 6)
             continue
-        found.append(rec)
         ran.append((spec, rec))
         base = compare.baseline_for(rec, records)
         cells = _cells(row(rec, folder, base))
@@ -323,6 +322,7 @@ def conclusion_table(rows: list[dict], records: list[dict], folder: str | Path) 
             cells[1] += f" of {base['timing']['median_s']:.3f} s"
         lines.append(f"| {spec['row']} | {spec['processes']} | {quoted} | {rec['label']} | {device(rec)} | "
                      + " | ".join(cells) + " |")
+    found = [rec for _, rec in ran]
     head = cpu_note(found[0]) + f"*{where(found)}*\n\n" if found else ""
     slower = [note for i, (spec, rec) in enumerate(ran) if (note := _slower(spec, rec, ran[:i], records))]
     article = ("The article's column quotes its table (\"Fastest FLUX.1-dev Inference with Context Parallelism and "
